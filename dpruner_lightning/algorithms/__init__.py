@@ -1,0 +1,1 @@
+"""Layer 1: the algorithms, pure torch (no Lightning): targets, importance, masks, baselines."""

@@ -1,0 +1,127 @@
+"""Which weight matrices are pruned, and uniform access to them.
+
+A *target* is a linear layer inside the decoder blocks. Hugging Face models use two kinds:
+``nn.Linear`` (weight is ``out x in``) and GPT-2's ``Conv1D`` (weight is ``in x out``). Every algorithm
+in this package works on the ``out x in`` view returned by :meth:`Target.weight_view`, so nothing else
+needs to know about ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+try:  # transformers is a dependency, but keep the pure-torch layer importable without it
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment]
+
+#: Default regex: linear layers inside numbered decoder blocks (``model.layers.3.mlp.up_proj``,
+#: ``transformer.h.0.attn.c_attn``, ``gpt_neox.layers.1.attention.query_key_value`` ...).
+DEFAULT_TARGETS = r".*\.\d+\..*"
+#: Never pruned by default, even when inside a block: these stay dense in every published baseline.
+DEFAULT_EXCLUDE = r".*(lm_head|embed|wte|wpe|norm|ln_).*"
+
+
+@dataclass
+class Target:
+    """One prunable matrix: its dotted module name, the module, and whether it is a transposed Conv1D."""
+
+    name: str
+    module: nn.Module
+    transposed: bool = False
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    def weight_view(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """``tensor`` (default: the weight) seen as ``out x in``; a view, so in-place edits reach the source."""
+        t = self.module.weight if tensor is None else tensor
+        return t.t() if self.transposed else t
+
+    def to_storage(self, tensor_out_in: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`weight_view` for a tensor laid out ``out x in``."""
+        return tensor_out_in.t() if self.transposed else tensor_out_in
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)``."""
+        return tuple(self.weight_view().shape)  # type: ignore[return-value]
+
+    def numel(self) -> int:
+        return self.module.weight.numel()
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: str | Iterable[str] | None = None,
+    exclude_modules: str | Iterable[str] | None = None,
+) -> dict[str, Target]:
+    """Select the linear layers whose full dotted name matches a ``target_modules`` regex and no
+    ``exclude_modules`` regex (full match, as in peft). Raises ``ValueError`` if nothing matches."""
+    include = _compile(target_modules if target_modules is not None else DEFAULT_TARGETS)
+    exclude = _compile(exclude_modules if exclude_modules is not None else DEFAULT_EXCLUDE)
+    targets: dict[str, Target] = {}
+    linear_names = []
+    for name, module in model.named_modules():
+        if not is_linear(module):
+            continue
+        linear_names.append(name)
+        if any(p.fullmatch(name) for p in include) and not any(p.fullmatch(name) for p in exclude):
+            targets[name] = Target(name, module, transposed=not isinstance(module, nn.Linear))
+    if not targets:
+        shown = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
+        raise ValueError(
+            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no linear "
+            f"layer of this model. Its linear layers are named like: {shown or 'none found'}. "
+            "Fix the regex (it must match the whole dotted name, e.g. '.*\\.mlp\\..*')."
+        )
+    return targets
+
+
+def _compile(patterns: str | Iterable[str]) -> list[re.Pattern]:
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as err:
+            raise ValueError(f"invalid module regex {p!r}: {err}") from err
+    return compiled
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` of decoder blocks (the longest ModuleList whose items hold linears).
+
+    Works for Llama/Mistral/Qwen2 (``model.layers``), GPT-2 (``transformer.h``), OPT
+    (``model.decoder.layers``), GPT-NeoX (``gpt_neox.layers``), BLOOM (``transformer.h``) without a
+    per-architecture table."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if any(is_linear(m) for m in module[0].modules()):
+                if best is None or len(module) > len(best[1]):
+                    best = (name, module)
+    if best is None:
+        raise ValueError(f"could not find the decoder blocks of {type(model).__name__}: no ModuleList of blocks")
+    return best
+
+
+def block_index(target_name: str, blocks_prefix: str) -> int | None:
+    """Index of the decoder block that holds ``target_name`` (``None`` if it is outside the blocks)."""
+    m = re.match(re.escape(blocks_prefix) + r"\.(\d+)\.", target_name)
+    return int(m.group(1)) if m else None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

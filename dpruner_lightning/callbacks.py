@@ -1,0 +1,181 @@
+"""Callbacks that drive a pruning method through a Lightning "fit".
+
+* :class:`CalibrationPassCallback` - one per pass of the method (for D-PRUNER: the general-importance
+  pass and the regularised dual pass): starts the pass, hands every micro-batch's gradients to the
+  method in ``on_after_backward``, ends the pass, and logs its time and importance histograms.
+* :class:`MaskApplication` - when training ends: chooses and applies the masks, checks the realised
+  sparsity, logs it per layer, and writes importance, masks and the pruned HF model.
+* :class:`RunSummary` - keeps ``summary.json`` in the log directory up to date (after pruning and
+  after every validation).
+
+Artifacts are saved explicitly: ``ModelCheckpoint`` never fires when ``global_step`` stays 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from .algorithms.masks import check_realised, expected_tolerance, mask_sparsity, realised_sparsity
+from .export import atomic_write_json, export_hf_folder, save_tensors
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def tensorboard(trainer: L.Trainer):
+    """The TensorBoard ``SummaryWriter`` of the trainer, or None."""
+    for logger in trainer.loggers:
+        exp = getattr(logger, "experiment", None)
+        if exp is not None and hasattr(exp, "add_histogram"):
+            return exp
+    return None
+
+
+def subsample(t: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """At most ``n`` values of ``t`` as fp32 on the CPU (histograms of 7B tensors are not drawable)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() > n:
+        idx = torch.randint(0, flat.numel(), (n,), generator=torch.Generator().manual_seed(seed))
+        flat = flat[idx.to(flat.device)]
+    return flat.float().cpu()
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class CalibrationPassCallback(L.Callback):
+    def __init__(self, pass_name: str) -> None:
+        self.pass_name = pass_name
+        self._t0 = 0.0
+
+    def state_dict(self) -> dict:
+        return {"pass_name": self.pass_name}
+
+    def _mine(self, module) -> bool:
+        return module.current_pass.name == self.pass_name
+
+    def _epochs(self, module) -> list[int]:
+        return [i for i, p in enumerate(module.schedule) if p.name == self.pass_name]
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            # One epoch per pass epoch, and a fresh train loader each epoch (general, then domain data).
+            trainer.fit_loop.max_epochs = len(pl_module.schedule)
+            trainer.reload_dataloaders_every_n_epochs = 1
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        if self._mine(pl_module) and trainer.current_epoch == self._epochs(pl_module)[0]:
+            log.info("pass %r: %s", self.pass_name, pl_module.current_pass)
+            self._t0 = time.perf_counter()
+            pl_module.method.start_pass(pl_module.current_pass)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module) -> None:
+        if self._mine(pl_module):
+            stats = pl_module.method.after_backward(pl_module.current_pass)
+            if stats:
+                pl_module.log_dict(stats, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not (self._mine(pl_module) and trainer.current_epoch == self._epochs(pl_module)[-1]):
+            return
+        p = pl_module.current_pass
+        pl_module.method.end_pass(p)
+        seconds = time.perf_counter() - self._t0
+        pl_module.phase_seconds[p.name] = seconds
+        writer = tensorboard(trainer)
+        if writer is not None:
+            writer.add_scalar(f"time/{p.name}_seconds", seconds, trainer.global_step)
+            artifacts = {k: v for k, v in pl_module.method.artifacts().items() if v}
+            for group, tensors in artifacts.items():
+                for i, (name, t) in enumerate(tensors.items()):
+                    writer.add_histogram(f"{group}/{name}", subsample(t, pl_module.output.histogram_samples, i), trainer.current_epoch)
+
+
+class MaskApplication(L.Callback):
+    """Apply the masks at the end of fit, check them, log them and save the artifacts."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        t0 = time.perf_counter()
+        masks = pl_module.apply_pruning()
+        pl_module.phase_seconds["mask"] = time.perf_counter() - t0
+        weights = {n: t.weight_view() for n, t in pl_module.targets.items()}
+        report = realised_sparsity(pl_module.model, weights)
+        spec, method = pl_module.mask_spec, pl_module.method
+        granularity = spec.resolved_granularity(method.default_granularity)
+        if masks:
+            requested = {n: mask_sparsity(k) for n, k in masks.items()}
+            shapes = {n: tuple(k.shape) for n, k in masks.items()}
+            check_realised(report["per_matrix"], requested, shapes, "layer", spec.block_size)
+            self._check_request(report, requested, shapes, spec, granularity, method)
+        pl_module.summary.update(
+            method=method.name,
+            method_repr=repr(method),
+            granularity=granularity,
+            allocation=spec.allocation,
+            sparsity_target=spec.target_sparsity(method.default_granularity),
+            sparsity_realised={"targets": report["targets"], "all_parameters": report["all_parameters"]},
+            parameters={"targets": report["target_parameters"], "all": report["all_parameter_count"]},
+        )
+        writer = tensorboard(trainer)
+        if writer is not None:
+            for i, (name, s) in enumerate(report["per_matrix"].items()):
+                writer.add_scalar(f"sparsity/{name}", s, 0)
+                writer.add_scalar("sparsity/by_target_index", s, i)
+            writer.add_scalar("sparsity/targets", report["targets"], 0)
+            writer.add_scalar("sparsity/all_parameters", report["all_parameters"], 0)
+        self._save(trainer, pl_module, masks)
+        pl_module.summary["peak_memory_bytes"] = peak_memory_bytes()
+        pl_module.summary["seconds"] = dict(pl_module.phase_seconds)
+        RunSummary.write(trainer, pl_module)
+        log.info("pruned: %.4f of target weights, %.4f of all parameters are zero", report["targets"], report["all_parameters"])
+
+    @staticmethod
+    def _check_request(report, requested, shapes, spec, granularity, method) -> None:
+        target = spec.target_sparsity(method.default_granularity)
+        if spec.allocation == "uniform" and granularity != "global":
+            off = {n: s for n, s in requested.items() if abs(s - target) > expected_tolerance(shapes[n], granularity, spec.block_size)}
+            if off:
+                raise RuntimeError(f"masks do not match the requested sparsity {target}: {dict(list(off.items())[:5])}")
+        elif abs(report["targets"] - target) > 0.01:
+            raise RuntimeError(f"overall target sparsity {report['targets']:.4f} is off the request {target}")
+
+    @staticmethod
+    def _save(trainer: L.Trainer, pl_module, masks) -> None:
+        out, spec = run_dir(trainer), pl_module.output
+        if spec.save_importance:
+            for group, tensors in pl_module.method.artifacts().items():
+                if tensors:
+                    save_tensors(out / f"{group}.safetensors", tensors, {"method": pl_module.method.name})
+        if spec.save_masks and masks:
+            save_tensors(out / "masks.safetensors", masks, {"layout": "out x in, 1 = kept"})
+        if spec.export_model:
+            export_hf_folder(pl_module.model, pl_module.tokenizer, out / "pruned_model")
+            pl_module.summary["pruned_model"] = str(out / "pruned_model")
+
+
+class RunSummary(L.Callback):
+    """Rewrites ``summary.json`` whenever a validation adds perplexities."""
+
+    @staticmethod
+    def write(trainer: L.Trainer, pl_module) -> None:
+        summary = dict(pl_module.summary)
+        summary["perplexity"] = {stage: dict(v) for stage, v in pl_module.perplexities.items()}
+        atomic_write_json(run_dir(trainer) / "summary.json", summary)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        pl_module.summary.setdefault("method", pl_module.method.name)
+        RunSummary.write(trainer, pl_module)

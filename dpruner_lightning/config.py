@@ -1,0 +1,104 @@
+"""Typed configuration shared by the Lightning layer, the CLI and the Python API.
+
+Each dataclass maps 1:1 onto a YAML section (``model.init_args.model``, ``model.init_args.mask``, ...);
+``tests/test_configs.py`` validates every file in ``configs/`` against these classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .algorithms.masks import check_sparsity, parse_granularity
+
+
+@dataclass
+class ModelSpec:
+    """Which causal LM to prune, and how to load it."""
+
+    name_or_path: str = "smollm2-135m"
+    """A Hugging Face hub id, a local folder, a demo alias (``smollm2-135m``), or ``random:<model_type>``
+    for a randomly initialised model built from ``config_overrides`` (tests, smoke runs)."""
+    dtype: str = "float32"
+    """Weights dtype at load time: ``float32``, ``bfloat16`` or ``float16``."""
+    tokenizer: Optional[str] = None
+    """Tokenizer to use; default: the model's own. ``bytes`` is the built-in byte-level tokenizer."""
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the HF config (for ``random:*`` models, or to override a loaded config)."""
+    gguf_file: Optional[str] = None
+    """A GGUF file inside ``name_or_path`` to dequantise on load."""
+    seed: int = 0
+    """Seed of the random initialisation of ``random:*`` models."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward passes (less memory, ~30% more time)."""
+    attn_implementation: Optional[str] = None
+    """Passed to ``from_pretrained`` (``sdpa``, ``eager``, ...); default: the library's choice."""
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
+
+
+@dataclass
+class TargetSpec:
+    """Which weight matrices are pruned (regexes on the full dotted module name, as in peft)."""
+
+    target_modules: Optional[str] = None
+    """Regex of the linear layers to prune; default: every linear inside the decoder blocks."""
+    exclude_modules: Optional[str] = None
+    """Regex of layers never pruned; default: embeddings, lm_head, norms."""
+
+
+@dataclass
+class MaskSpec:
+    """How scores become masks."""
+
+    sparsity: float = 0.5
+    """Fraction of the target weights to remove, in [0, 1). Ignored for N:M patterns (sparsity = N/M)."""
+    granularity: str = "auto"
+    """``layer`` | ``row`` | ``block`` | ``global`` | an N:M pattern such as ``2:4``; ``auto`` takes the
+    method's own default (D-PRUNER and magnitude: layer, Wanda: row)."""
+    block_size: int = 128
+    """Input columns per block for ``block`` (the paper's iterative blocking) and for SparseGPT."""
+    allocation: str = "uniform"
+    """``uniform`` (every block at ``sparsity``) or ``owl`` (outlier-weighted layerwise sparsity)."""
+    owl_m: float = 5.0
+    """OWL: a score above ``owl_m`` times its block's mean counts as an outlier."""
+    owl_lambda: float = 0.08
+    """OWL: block sparsities span ``sparsity +- owl_lambda``."""
+
+    def __post_init__(self) -> None:
+        if self.granularity != "auto":
+            kind, n, m = parse_granularity(self.granularity)
+        else:
+            kind = "auto"
+        if kind != "n:m":
+            check_sparsity(self.sparsity)
+        if self.allocation not in ("uniform", "owl"):
+            raise ValueError(f"allocation must be 'uniform' or 'owl'; got {self.allocation!r}")
+        if self.allocation == "owl" and kind == "global":
+            raise ValueError("allocation 'owl' sets one sparsity per block: it cannot be combined with 'global'")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive; got {self.block_size}")
+
+    def resolved_granularity(self, method_default: str) -> str:
+        return method_default if self.granularity == "auto" else self.granularity
+
+    def target_sparsity(self, method_default: str = "layer") -> float:
+        kind, n, m = parse_granularity(self.resolved_granularity(method_default))
+        return n / m if kind == "n:m" else self.sparsity
+
+
+@dataclass
+class OutputSpec:
+    """What the run writes into its log directory."""
+
+    save_importance: bool = True
+    """Write the importance scores as safetensors (one fp32 tensor per target)."""
+    save_masks: bool = True
+    """Write the keep-masks as safetensors (uint8)."""
+    export_model: bool = True
+    """Write the pruned model as a Hugging Face folder (``pruned_model/``)."""
+    histogram_samples: int = 1_000_000
+    """Values subsampled per tensor for TensorBoard histograms."""

@@ -1,0 +1,111 @@
+"""The one interface every pruning method implements.
+
+The lifecycle follows torch.ao's prepare / step / squash: :meth:`PruningMethod.prepare` once, then
+for every calibration pass :meth:`start_pass`, per micro-batch :meth:`after_backward` (gradient passes)
+or :meth:`collect` (methods that replay batches themselves), :meth:`end_pass`, and finally
+:meth:`prune`. Methods are pure torch: the Lightning layer only decides *when* each hook runs (which
+epoch, which batch) and feeds the data; a method never sees a Trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..algorithms.masks import apply_mask_, choose_masks
+from ..algorithms.targets import Target, block_index, find_decoder_blocks
+from ..config import MaskSpec
+
+PassMode = Literal["forward", "backward", "sgd", "collect", "none"]
+
+
+@dataclass(frozen=True)
+class CalibrationPass:
+    """One "fit" phase over a calibration set.
+
+    ``mode``: ``forward`` (no grad; the method's input hooks see every target's inputs), ``backward``
+    (LM-loss gradients reach :meth:`PruningMethod.after_backward`, weights unchanged), ``sgd`` (the same,
+    then a plain SGD step), ``collect`` (batches handed to :meth:`PruningMethod.collect`), ``none``
+    (nothing to compute: a data-free method still gets one pass so the dense model is validated)."""
+
+    name: str
+    source: Literal["general", "domain"]
+    mode: PassMode
+    epochs: int = 1
+
+
+class PruningMethod:
+    """Base class: subclasses set :attr:`name`, :attr:`default_granularity`, and override the hooks."""
+
+    name: str = "base"
+    default_granularity: str = "layer"
+    #: SGD learning rate used by ``sgd`` passes (0 for methods that never update weights).
+    learning_rate: float = 0.0
+    #: Gradient-norm clipping of ``sgd`` steps (None: no clipping).
+    max_grad_norm: Optional[float] = None
+
+    def __init__(self) -> None:
+        self.targets: dict[str, Target] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def passes(self) -> list[CalibrationPass]:
+        return [CalibrationPass("calibration", "general", "none")]
+
+    def prepare(self, model: nn.Module, targets: Mapping[str, Target]) -> None:
+        """Called once before the first pass, with the loaded model and its targets."""
+        self.model = model
+        self.targets = dict(targets)
+
+    def start_pass(self, p: CalibrationPass) -> None:
+        pass
+
+    @torch.no_grad()
+    def after_backward(self, p: CalibrationPass) -> dict[str, float]:
+        """Read (and possibly modify) ``target.weight.grad`` after one micro-batch; return stats to log."""
+        return {}
+
+    def collect(self, p: CalibrationPass, input_ids: torch.Tensor) -> None:
+        pass
+
+    def end_pass(self, p: CalibrationPass) -> None:
+        pass
+
+    # -- result ------------------------------------------------------------------------------------
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Final importance of every target weight (``out x in``); higher = more important."""
+        raise NotImplementedError(f"{type(self).__name__} does not define scores()")
+
+    def artifacts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Named groups of per-target tensors worth saving and plotting (e.g. general / dual importance)."""
+        return {"importance": self.scores()}
+
+    @torch.no_grad()
+    def prune(self, spec: MaskSpec) -> dict[str, torch.Tensor]:
+        """Choose keep-masks from :meth:`scores` and zero the pruned weights; returns the masks."""
+        masks = choose_masks(
+            self.scores(),
+            spec.target_sparsity(self.default_granularity),
+            spec.resolved_granularity(self.default_granularity),
+            block_size=spec.block_size,
+            allocation=spec.allocation,
+            block_of=self.block_of(),
+            owl_m=spec.owl_m,
+            owl_lambda=spec.owl_lambda,
+        )
+        for name, keep in masks.items():
+            apply_mask_(self.targets[name].weight_view(), keep)
+        return masks
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def block_of(self) -> dict[str, int | None]:
+        prefix, _ = find_decoder_blocks(self.model)
+        return {name: block_index(name, prefix) for name in self.targets}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: t.weight_view() for name, t in self.targets.items()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

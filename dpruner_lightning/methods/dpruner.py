@@ -1,0 +1,148 @@
+"""D-PRUNER (Zhang et al., NAACL 2024, arXiv:2405.06275): dual importance, general + domain.
+
+Pass 1 (open-domain data): general importance G, ``taylor`` or ``obs`` estimator, divided by one
+global scalar so its mean is 1. Pass 2 (domain data, ``dual_epochs`` epochs): plain SGD at learning
+rate ``alpha`` on ``L_next + lambda_reg * sum G (W - W0)^2`` with ``S += |g*W + 0.5*(g*W)^2|`` after
+every micro-batch (g: the regularised gradient, taken before clipping). Masks come from S and are
+applied to the original weights W0 (the fine-tuned weights are dropped unless
+``keep_updated_weights``). Only target weights are updated; everything else stays frozen.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+from ..algorithms.hessian import InputStatistics, obs_saliency
+from ..algorithms.importance import (
+    TaylorState,
+    dual_accumulate_,
+    normalise_mean_,
+    regulariser_grad,
+    taylor_accumulate_,
+    taylor_score,
+)
+from ..config import MaskSpec
+from .base import CalibrationPass, PruningMethod
+
+
+class DPruner(PruningMethod):
+    name = "d_pruner"
+    default_granularity = "layer"
+
+    def __init__(
+        self,
+        general_estimator: Literal["taylor", "obs"] = "taylor",
+        lambda_reg: float = 0.1,
+        alpha: float = 3e-4,
+        dual_epochs: int = 1,
+        max_grad_norm: Optional[float] = None,
+        keep_updated_weights: bool = False,
+        damp: float = 0.01,
+    ) -> None:
+        """
+        Args:
+            general_estimator: ``taylor`` (gradient + empirical Fisher, the brief's formula) or ``obs``
+                (SparseGPT's OBS saliency W^2 / diag(H^-1 chol)^2, what the paper's experiments used).
+            lambda_reg: strength of the general-importance regulariser (G has mean 1).
+            alpha: SGD learning rate of the dual pass (0: no update, S is a plain domain Taylor score).
+            dual_epochs: epochs over the domain calibration set.
+            max_grad_norm: clip the total gradient norm of each SGD step (S uses the unclipped gradient).
+            keep_updated_weights: apply the masks to the fine-tuned weights instead of the originals.
+            damp: OBS dampening, a fraction of mean(diag H).
+        """
+        super().__init__()
+        if general_estimator not in ("taylor", "obs"):
+            raise ValueError(f"general_estimator must be 'taylor' or 'obs'; got {general_estimator!r}")
+        if lambda_reg < 0 or alpha < 0:
+            raise ValueError(f"lambda_reg and alpha must be >= 0; got lambda_reg={lambda_reg}, alpha={alpha}")
+        if dual_epochs < 1:
+            raise ValueError(f"dual_epochs must be >= 1; got {dual_epochs}")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be positive or None; got {max_grad_norm}")
+        self.general_estimator = general_estimator
+        self.lambda_reg = lambda_reg
+        self.alpha = alpha
+        self.learning_rate = alpha
+        self.dual_epochs = dual_epochs
+        self.max_grad_norm = max_grad_norm
+        self.keep_updated_weights = keep_updated_weights
+        self.damp = damp
+        self.general: dict[str, torch.Tensor] = {}
+        self.dual: dict[str, torch.Tensor] = {}
+        self.general_scale: float | None = None
+
+    def passes(self) -> list[CalibrationPass]:
+        mode = "backward" if self.general_estimator == "taylor" else "forward"
+        return [CalibrationPass("general", "general", mode), CalibrationPass("dual", "domain", "sgd", self.dual_epochs)]
+
+    def start_pass(self, p: CalibrationPass) -> None:
+        if p.name == "general":
+            if self.general_estimator == "taylor":
+                self._taylor = {n: TaylorState.zeros_like(t.weight_view()) for n, t in self.targets.items()}
+            else:
+                self._stats = InputStatistics(self.targets, kind="hessian")
+                self._stats.attach()
+        elif p.name == "dual":
+            # W0 is kept in memory in the model's dtype: it is both the regulariser's anchor and what
+            # the masks are applied to (never re-read from disk).
+            self.original = {n: t.weight_view().detach().clone() for n, t in self.targets.items()}
+            self.dual = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.weight.device) for n, t in self.targets.items()}
+
+    @torch.no_grad()
+    def after_backward(self, p: CalibrationPass) -> dict[str, float]:
+        if p.name == "general":
+            for name, t in self.targets.items():
+                taylor_accumulate_(self._taylor[name], t.weight_view(t.weight.grad))
+            return {}
+        task_sq = reg_sq = 0.0
+        for name, t in self.targets.items():
+            grad = t.weight_view(t.weight.grad)
+            weight = t.weight_view()
+            task_sq += float(grad.float().pow(2).sum())
+            total = grad.float()
+            if self.lambda_reg > 0:
+                reg = regulariser_grad(self.general[name], weight, self.original[name], self.lambda_reg)
+                reg_sq += float(reg.pow(2).sum())
+                total = total + reg
+                grad.copy_(total)  # the SGD step uses the regularised gradient
+            dual_accumulate_(self.dual[name], total, weight)
+        return {"dual/task_grad_norm": task_sq**0.5, "dual/reg_grad_norm": reg_sq**0.5}
+
+    def end_pass(self, p: CalibrationPass) -> None:
+        if p.name != "general":
+            return
+        if self.general_estimator == "taylor":
+            self.general = {n: taylor_score(self._taylor[n], t.weight_view()) for n, t in self.targets.items()}
+            del self._taylor
+        else:
+            self._stats.detach()
+            self.general = {
+                n: obs_saliency(t.weight_view().float(), self._stats.hessian(n), damp=self.damp)
+                for n, t in self.targets.items()
+            }
+            del self._stats
+        self.general_scale = normalise_mean_(self.general)
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        if not self.dual:
+            raise RuntimeError("D-PRUNER has no dual importance yet: run the general and the dual pass first")
+        return self.dual
+
+    def artifacts(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"general_importance": self.general, "dual_importance": self.dual}
+
+    @torch.no_grad()
+    def prune(self, spec: MaskSpec) -> dict[str, torch.Tensor]:
+        if not self.keep_updated_weights and getattr(self, "original", None):
+            for name, t in self.targets.items():
+                t.weight_view().copy_(self.original[name])
+        self.original = {}
+        return super().prune(spec)
+
+    def __repr__(self) -> str:
+        return (
+            f"DPruner(general_estimator={self.general_estimator!r}, lambda_reg={self.lambda_reg}, "
+            f"alpha={self.alpha}, dual_epochs={self.dual_epochs})"
+        )

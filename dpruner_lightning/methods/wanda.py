@@ -1,0 +1,43 @@
+"""Wanda (Sun et al., ICLR 2024): importance |W_ij| * ||X_j||_2, compared within each output row.
+
+One forward pass over the calibration set on the dense model collects the input-column norms of every
+target (the original runs block by block on the partially pruned model; one dense pass is cheaper
+and is what we compare against: say so when quoting numbers).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ..algorithms.hessian import InputStatistics
+from .base import CalibrationPass, PruningMethod
+
+
+class Wanda(PruningMethod):
+    name = "wanda"
+    default_granularity = "row"
+
+    def __init__(self, source: Literal["general", "domain"] = "domain") -> None:
+        """Args: source: which calibration set feeds the input norms."""
+        super().__init__()
+        self.source = source
+        self.norms: dict[str, torch.Tensor] = {}
+
+    def passes(self) -> list[CalibrationPass]:
+        return [CalibrationPass("calibration", self.source, "forward")]
+
+    def start_pass(self, p: CalibrationPass) -> None:
+        self._stats = InputStatistics(self.targets, kind="sq_norm")
+        self._stats.attach()
+
+    def end_pass(self, p: CalibrationPass) -> None:
+        self._stats.detach()
+        self.norms = {n: self._stats.sq_norm(n).sqrt() for n in self.targets}
+        del self._stats
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        if not self.norms:
+            raise RuntimeError("Wanda has no input norms: run its calibration pass first")
+        return {n: w.detach().float().abs() * self.norms[n].to(w.device)[None, :] for n, w in self.weights().items()}

@@ -1,0 +1,190 @@
+"""The LightningModule: an HF causal LM whose "fit" epochs are calibration passes of a pruning method.
+
+Epochs map onto the method's passes (D-PRUNER: epoch 0 = general importance on open-domain data,
+epochs 1.. = the regularised dual pass on domain data); the callbacks of :mod:`callbacks` call the
+method's hooks, and the masks are applied when training ends. ``validate`` reports the perplexity of
+whatever weights the module holds, logged as ``ppl/<eval set>_<stage>`` with stage ``dense`` (before
+any weight changed), ``tuned`` (after an SGD pass) or ``pruned``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import SumMetric
+
+from .algorithms.targets import Target, find_targets
+from .config import MaskSpec, ModelSpec, OutputSpec, TargetSpec
+from .methods.base import CalibrationPass, PruningMethod
+from .methods.dpruner import DPruner
+from .models import check_model_source, load_causal_lm, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class DPrunerModule(L.LightningModule):
+    def __init__(
+        self,
+        model: ModelSpec = ModelSpec(),
+        method: Optional[PruningMethod] = None,
+        mask: MaskSpec = MaskSpec(),
+        targets: TargetSpec = TargetSpec(),
+        output: OutputSpec = OutputSpec(),
+        eval_names: tuple[str, ...] = ("domain", "general"),
+    ) -> None:
+        """
+        Args:
+            model: which causal LM to load and how.
+            method: the pruning method (default: D-PRUNER with its default hyperparameters).
+            mask: sparsity, granularity and layer-wise allocation of the masks.
+            targets: regexes selecting the pruned weight matrices.
+            output: what the run writes to its log directory.
+            eval_names: names of the validation sets, in the order of the datamodule's loaders.
+        """
+        super().__init__()
+        check_model_source(model)  # fail before the datamodule tokenises anything
+        self.model_spec = model
+        self.method = method if method is not None else DPruner()
+        self.mask_spec = mask
+        self.target_spec = targets
+        self.output = output
+        self.eval_names = tuple(eval_names)
+        self.save_hyperparameters(ignore=["method"])
+        self.automatic_optimization = False  # passes call backward/step themselves (see DESIGN.md)
+        self.model: Optional[torch.nn.Module] = None
+        self.targets: dict[str, Target] = {}
+        self.schedule: list[CalibrationPass] = [p for p in self.method.passes() for _ in range(p.epochs)]
+        self.stage = "dense"
+        self.pruned = False
+        self.masks: dict[str, torch.Tensor] = {}
+        self.perplexities: dict[str, dict[str, float]] = {}
+        self.phase_seconds: dict[str, float] = {}
+        self.summary: dict = {}
+        self._tokenizer = None
+        self._fp32_buffers: dict[str, torch.Tensor] = {}
+        self._nll = torch.nn.ModuleList()
+        self._tokens = torch.nn.ModuleList()
+
+    # -- model ------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_spec)
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # idempotent: fit, validate and the API call it again
+            return
+        self.model = load_causal_lm(self.model_spec)
+        self.model.requires_grad_(False)
+        self.targets = find_targets(self.model, self.target_spec.target_modules, self.target_spec.exclude_modules)
+        # Rotary inv_freq must stay fp32 even under `bf16-true`, which casts every buffer.
+        self._fp32_buffers = {n: b.detach().clone() for n, b in self.model.named_buffers() if "inv_freq" in n}
+        self.method.prepare(self.model, self.targets)
+        log.info("loaded %s: %d target matrices", self.model_spec.name_or_path, len(self.targets))
+
+    def _restore_fp32_buffers(self) -> None:
+        for name, saved in self._fp32_buffers.items():
+            owner, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(owner) if owner else self.model
+            setattr(module, attr, saved.to(next(self.model.parameters()).device))
+
+    def on_fit_start(self) -> None:
+        self._restore_fp32_buffers()
+
+    def on_validation_start(self) -> None:
+        self._restore_fp32_buffers()
+
+    # -- calibration passes -----------------------------------------------------------------------
+    def configure_callbacks(self):
+        from .callbacks import CalibrationPassCallback, MaskApplication, RunSummary
+
+        pass_names = dict.fromkeys(p.name for p in self.schedule)
+        return [CalibrationPassCallback(n) for n in pass_names] + [MaskApplication(), RunSummary()]
+
+    @property
+    def current_pass(self) -> CalibrationPass:
+        epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        return self.schedule[min(epoch, len(self.schedule) - 1)]
+
+    def configure_optimizers(self):
+        params = [t.weight for t in self.targets.values()]
+        # Plain SGD, no momentum: no optimizer state, as in the paper (LOMO); lr = alpha.
+        return torch.optim.SGD(params, lr=self.method.learning_rate, momentum=0.0)
+
+    def lm_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        p = self.current_pass
+        input_ids = batch["input_ids"]
+        if p.mode == "none":
+            return None
+        if p.mode == "collect":
+            self.method.collect(p, input_ids)
+            return None
+        if p.mode == "forward":
+            with torch.no_grad():
+                self.model(input_ids=input_ids, use_cache=False)
+            return None
+        opt = self.optimizers()
+        for t in self.targets.values():
+            t.weight.requires_grad_(True)
+        loss = self.lm_loss(input_ids)
+        self.manual_backward(loss)  # callbacks' on_after_backward hand the gradients to the method
+        if p.mode == "sgd" and self.method.learning_rate > 0:
+            if self.method.max_grad_norm:
+                self.clip_gradients(opt, gradient_clip_val=self.method.max_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+            self.stage = "tuned"
+        opt.zero_grad(set_to_none=True)
+        self.log(f"loss/{p.name}", loss.detach(), on_step=True, prog_bar=True, batch_size=input_ids.shape[0])
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        for t in self.targets.values():
+            t.weight.requires_grad_(False)
+
+    # -- perplexity -------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        needed = max(1, len(self.eval_names))
+        while len(self._nll) < needed:
+            self._nll.append(SumMetric().to(self.device))
+            self._tokens.append(SumMetric().to(self.device))
+        for m in list(self._nll) + list(self._tokens):
+            m.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        input_ids = batch["input_ids"]
+        logits = self.model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+        labels = input_ids[:, 1:]
+        # Token-weighted sum of cross-entropy plus a count: exact corpus perplexity, no [B*T, V] probs.
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+        self._nll[dataloader_idx].update(nll)
+        self._tokens[dataloader_idx].update(torch.tensor(float(labels.numel()), device=nll.device))
+
+    def on_validation_epoch_end(self) -> None:
+        results = {}
+        for i, name in enumerate(self.eval_names[: len(self._nll)]):
+            count = float(self._tokens[i].compute())
+            if count == 0:
+                continue
+            ppl = math.exp(float(self._nll[i].compute()) / count)
+            results[name] = ppl
+            self.log(f"ppl/{name}_{self.stage}", ppl, sync_dist=False)
+        self.perplexities[self.stage] = results
+
+    # -- pruning ----------------------------------------------------------------------------------
+    def apply_pruning(self) -> dict[str, torch.Tensor]:
+        """Choose and apply the masks (once). Called by the mask callback at the end of fit."""
+        if self.pruned:
+            return self.masks
+        self.masks = self.method.prune(self.mask_spec)
+        self.pruned = True
+        self.stage = "pruned"
+        return self.masks

@@ -1,0 +1,83 @@
+"""End to end: `dpruner fit --config configs/smoke.yaml` and everything it writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke")
+    cmd = [sys.executable, "-m", "dpruner_lightning.cli", "fit", "--config", str(REPO / "configs" / "smoke.yaml"),
+           "--trainer.logger.init_args.save_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = sorted(out.glob("smoke/version_*"))
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_smoke_run_writes_every_artifact(smoke_run):
+    for name in ("config.yaml", "summary.json", "general_importance.safetensors", "dual_importance.safetensors",
+                 "masks.safetensors", "pruned_model/config.json"):
+        assert (smoke_run / name).exists(), name
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["method"] == "d_pruner"
+    assert summary["sparsity_target"] == 0.5
+    assert abs(summary["sparsity_realised"]["targets"] - 0.5) < 1e-3
+    assert 0.2 < summary["sparsity_realised"]["all_parameters"] < 0.5  # embeddings/norms stay dense
+    for stage in ("dense", "pruned"):
+        for name in ("domain", "general"):
+            assert summary["perplexity"][stage][name] > 1.0
+    assert set(summary["seconds"]) >= {"general", "dual", "mask"}
+    assert summary["peak_memory_bytes"] > 0
+
+
+def test_pruned_folder_reloads_with_requested_sparsity(smoke_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpruner_lightning.algorithms.targets import find_targets
+    from dpruner_lightning.export import load_tensors
+
+    model = AutoModelForCausalLM.from_pretrained(smoke_run / "pruned_model")
+    AutoTokenizer.from_pretrained(smoke_run / "pruned_model")
+    targets = find_targets(model)
+    masks = load_tensors(smoke_run / "masks.safetensors")
+    assert set(masks) == set(targets)
+    for name, t in targets.items():
+        w = t.weight_view()
+        assert abs(float((w == 0).float().mean()) - 0.5) < 1e-3, name
+        assert torch.all(w[masks[name] == 0] == 0)
+    importance = load_tensors(smoke_run / "general_importance.safetensors")
+    mean = sum(float(v.sum()) for v in importance.values()) / sum(v.numel() for v in importance.values())
+    assert abs(mean - 1.0) < 1e-4  # G is normalised to mean 1
+
+
+def test_tensorboard_has_histograms_and_perplexities(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    histos, scalars = set(), set()
+    for event_file in smoke_run.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(event_file), size_guidance={"histograms": 0, "scalars": 0})
+        acc.Reload()
+        histos |= set(acc.Tags()["histograms"])
+        scalars |= set(acc.Tags()["scalars"])
+    assert any(t.startswith("general_importance/") and t.endswith("q_proj") for t in histos)
+    assert any(t.startswith("dual_importance/") for t in histos)
+    assert {"ppl/domain_dense", "ppl/general_dense", "ppl/domain_pruned", "ppl/general_pruned"} <= scalars
+    assert "sparsity/targets" in scalars and "dual/reg_grad_norm" in scalars
+
+
+def test_print_config_lists_the_method():
+    proc = subprocess.run([sys.executable, "-m", "dpruner_lightning.cli", "fit", "--config", "configs/smoke.yaml",
+                           "--print_config"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "dpruner_lightning.methods.DPruner" in proc.stdout and "lambda_reg: 0.1" in proc.stdout

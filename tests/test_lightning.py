@@ -1,0 +1,60 @@
+"""The Lightning layer on tiny models: families, determinism, granularities, perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dpruner_lightning.config import MaskSpec
+from dpruner_lightning.methods import DPruner
+
+from .helpers import mask_hash, run_prune
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox"])
+@pytest.mark.parametrize("estimator", ["taylor", "obs"])
+def test_every_family_prunes(tmp_path, family, estimator):
+    module = run_prune(tmp_path, family, method=DPruner(general_estimator=estimator), validate=False)
+    assert module.pruned and len(module.masks) >= 4
+    for name, t in module.targets.items():
+        assert abs(float((t.weight_view() == 0).float().mean()) - 0.5) < 1e-3, name
+    assert module.summary["sparsity_realised"]["targets"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_same_seed_same_mask_other_data_seed_other_mask(tmp_path):
+    a = run_prune(tmp_path / "a", seed=0, validate=False)
+    b = run_prune(tmp_path / "b", seed=0, validate=False)
+    c = run_prune(tmp_path / "c", seed=1, validate=False)
+    assert mask_hash(a.masks) == mask_hash(b.masks)
+    assert mask_hash(a.masks) != mask_hash(c.masks)
+
+
+@pytest.mark.parametrize("granularity", ["row", "block", "2:4", "global"])
+def test_granularities_through_the_module(tmp_path, granularity):
+    module = run_prune(tmp_path, mask=MaskSpec(sparsity=0.5, granularity=granularity, block_size=16), validate=False)
+    for name, keep in module.masks.items():
+        if granularity == "2:4":
+            assert ((~keep).reshape(keep.shape[0], -1, 4).sum(-1) == 2).all(), name
+        elif granularity == "row":
+            assert ((~keep).sum(1) == keep.shape[1] // 2).all(), name
+    assert module.summary["sparsity_realised"]["targets"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_owl_allocation_keeps_overall_sparsity(tmp_path):
+    module = run_prune(tmp_path, mask=MaskSpec(sparsity=0.5, allocation="owl", owl_lambda=0.1), validate=False)
+    assert module.summary["sparsity_realised"]["targets"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_validate_reports_exact_token_weighted_perplexity(tmp_path):
+    module = run_prune(tmp_path, validate=True)
+    data = module.trainer.datamodule
+    # Recompute the pruned perplexity naively over the same evaluation blocks.
+    for name in ("domain", "general"):
+        blocks = data.evaluation[name]
+        with torch.no_grad():
+            logits = module.model(input_ids=blocks).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+        assert module.perplexities["pruned"][name] == pytest.approx(math.exp(float(nll)), rel=1e-4)
+    assert set(module.perplexities) >= {"dense", "pruned"}
