@@ -217,6 +217,16 @@ class CalibrationDataModule(L.LightningDataModule):
         self.calibration: dict[str, torch.Tensor] = {}
         self.evaluation: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def from_token_blocks(cls, general: torch.Tensor, domain: torch.Tensor, eval_general: torch.Tensor,
+                          eval_domain: torch.Tensor, batch_size: int = 1) -> "CalibrationDataModule":
+        """A datamodule over already tokenised ``[n, seq_len]`` blocks (benchmarks, custom pipelines)."""
+        dm = cls(general=TextSource(path="<blocks>"), domain=TextSource(path="<blocks>"),
+                 seq_len=general.shape[1], num_samples=general.shape[0], batch_size=batch_size)
+        dm.calibration = {"general": general, "domain": domain}
+        dm.evaluation = {"general": eval_general, "domain": eval_domain}
+        return dm
+
     def _tokenizer(self):
         if self.tokenizer_name:
             from .config import ModelSpec
