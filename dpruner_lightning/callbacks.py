@@ -4,7 +4,9 @@
   pass and the regularised dual pass): starts the pass, hands every micro-batch's gradients to the
   method in ``on_after_backward``, ends the pass, and logs its time and importance histograms.
 * :class:`MaskApplication` - when training ends: chooses and applies the masks, checks the realised
-  sparsity, logs it per layer, and writes importance, masks and the pruned HF model.
+  sparsity, logs it per layer, and writes importance, masks and the pruned HF model. A structured
+  method (``method.structured``, e.g. LLM-Pruner) returns no masks: its sparsity is the fraction of the
+  parameters counted before pruning that were removed.
 * :class:`RunSummary` - keeps ``summary.json`` in the log directory up to date (after pruning and
   after every validation).
 
@@ -103,66 +105,96 @@ class CalibrationPassCallback(L.Callback):
                     writer.add_histogram(f"{group}/{name}", subsample(t, pl_module.output.histogram_samples, i), trainer.current_epoch)
 
 
+def structured_report(report: dict, pl_module) -> dict:
+    """:func:`realised_sparsity`'s report of a structurally pruned model, re-expressed as the fraction of
+    the ORIGINAL target / all parameters removed (zeros inside the remaining weights are not counted)."""
+    dense = pl_module.dense_parameters
+    per_matrix = {n: 1.0 - pl_module.targets[n].numel() / (rows * cols) for n, (rows, cols) in pl_module.dense_shapes.items()}
+    return dict(report, per_matrix=per_matrix,
+                targets=1.0 - report["target_parameters"] / max(1, dense["targets"]),
+                all_parameters=1.0 - report["all_parameter_count"] / max(1, dense["all"]))
+
+
 class MaskApplication(L.Callback):
-    """Apply the masks at the end of fit, check them, log them and save the artifacts."""
+    """Apply the masks at the end of fit (unless the module's passes are being run step by step)."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        t0 = time.perf_counter()
-        masks = pl_module.apply_pruning()
-        pl_module.phase_seconds["mask"] = time.perf_counter() - t0
-        weights = {n: t.weight_view() for n, t in pl_module.targets.items()}
-        report = realised_sparsity(pl_module.model, weights)
-        spec, method = pl_module.mask_spec, pl_module.method
-        granularity = spec.resolved_granularity(method.default_granularity)
-        if masks:
-            requested = {n: mask_sparsity(k) for n, k in masks.items()}
-            shapes = {n: tuple(k.shape) for n, k in masks.items()}
-            check_realised(report["per_matrix"], requested, shapes, "layer", spec.block_size)
-            self._check_request(report, requested, shapes, spec, granularity, method)
-        pl_module.summary.update(
-            method=method.name,
-            method_repr=repr(method),
-            granularity=granularity,
-            allocation=spec.allocation,
-            sparsity_target=spec.target_sparsity(method.default_granularity),
-            sparsity_realised={"targets": report["targets"], "all_parameters": report["all_parameters"]},
-            parameters={"targets": report["target_parameters"], "all": report["all_parameter_count"]},
-        )
-        writer = tensorboard(trainer)
-        if writer is not None:
-            for i, (name, s) in enumerate(report["per_matrix"].items()):
-                writer.add_scalar(f"sparsity/{name}", s, 0)
-                writer.add_scalar("sparsity/by_target_index", s, i)
-            writer.add_scalar("sparsity/targets", report["targets"], 0)
-            writer.add_scalar("sparsity/all_parameters", report["all_parameters"], 0)
-        self._save(trainer, pl_module, masks)
-        pl_module.summary["peak_memory_bytes"] = peak_memory_bytes()
-        pl_module.summary["seconds"] = dict(pl_module.phase_seconds)
+        if pl_module.apply_masks_at_end:
+            finalize_pruning(trainer, pl_module)
+
+
+def finalize_pruning(trainer: L.Trainer, pl_module) -> None:
+    """Choose and apply the masks, check the realised sparsity, log it and save the artifacts."""
+    t0 = time.perf_counter()
+    masks = pl_module.apply_pruning()
+    pl_module.phase_seconds["mask"] = time.perf_counter() - t0
+    weights = {n: t.weight_view() for n, t in pl_module.targets.items()}
+    report = realised_sparsity(pl_module.model, weights)
+    spec, method = pl_module.mask_spec, pl_module.method
+    granularity = spec.resolved_granularity(method.default_granularity)
+    structured = bool(getattr(method, "structured", False))
+    if structured:  # shapes shrank: "sparsity" = fraction of the original parameters removed
+        report = structured_report(report, pl_module)
+        granularity = "structured"
+    if masks:  # a structured method returns none: nothing to check against
+        requested = {n: mask_sparsity(k) for n, k in masks.items()}
+        shapes = {n: tuple(k.shape) for n, k in masks.items()}
+        check_realised(report["per_matrix"], requested, shapes, "layer", spec.block_size)
+        _check_request(report, requested, shapes, spec, granularity, method)
+    dense = pl_module.dense_parameters
+    pl_module.summary.update(
+        method=method.name,
+        method_repr=repr(method),
+        granularity=granularity,
+        allocation=spec.allocation,
+        sparsity_target=spec.target_sparsity(method.default_granularity),
+        sparsity_realised={"targets": report["targets"], "all_parameters": report["all_parameters"]},
+        parameters={"targets": report["target_parameters"], "all": report["all_parameter_count"],
+                    "targets_dense": dense.get("targets"), "all_dense": dense.get("all")},
+    )
+    if structured:
+        pl_module.summary["structured"] = dict(getattr(method, "plan_summary", {}),
+                                               reload="dpruner_lightning.algorithms.structured.load_structured_pruned")
+    writer = tensorboard(trainer) if trainer is not None else None
+    if writer is not None:
+        for i, (name, s) in enumerate(report["per_matrix"].items()):
+            writer.add_scalar(f"sparsity/{name}", s, 0)
+            writer.add_scalar("sparsity/by_target_index", s, i)
+        writer.add_scalar("sparsity/targets", report["targets"], 0)
+        writer.add_scalar("sparsity/all_parameters", report["all_parameters"], 0)
+    if trainer is not None:
+        _save_artifacts(trainer, pl_module, masks)
+    pl_module.summary["peak_memory_bytes"] = peak_memory_bytes()
+    pl_module.summary["seconds"] = dict(pl_module.phase_seconds)
+    if trainer is not None:
         RunSummary.write(trainer, pl_module)
-        log.info("pruned: %.4f of target weights, %.4f of all parameters are zero", report["targets"], report["all_parameters"])
+    log.info("pruned: %.4f of target weights, %.4f of all parameters are %s", report["targets"],
+             report["all_parameters"], "removed" if structured else "zero")
 
-    @staticmethod
-    def _check_request(report, requested, shapes, spec, granularity, method) -> None:
-        target = spec.target_sparsity(method.default_granularity)
-        if spec.allocation == "uniform" and granularity != "global":
-            off = {n: s for n, s in requested.items() if abs(s - target) > expected_tolerance(shapes[n], granularity, spec.block_size)}
-            if off:
-                raise RuntimeError(f"masks do not match the requested sparsity {target}: {dict(list(off.items())[:5])}")
-        elif abs(report["targets"] - target) > 0.01:
-            raise RuntimeError(f"overall target sparsity {report['targets']:.4f} is off the request {target}")
 
-    @staticmethod
-    def _save(trainer: L.Trainer, pl_module, masks) -> None:
-        out, spec = run_dir(trainer), pl_module.output
-        if spec.save_importance:
-            for group, tensors in pl_module.method.artifacts().items():
-                if tensors:
-                    save_tensors(out / f"{group}.safetensors", tensors, {"method": pl_module.method.name})
-        if spec.save_masks and masks:
-            save_tensors(out / "masks.safetensors", masks, {"layout": "out x in, 1 = kept"})
-        if spec.export_model:
-            export_hf_folder(pl_module.model, pl_module.tokenizer, out / "pruned_model")
-            pl_module.summary["pruned_model"] = str(out / "pruned_model")
+def _check_request(report, requested, shapes, spec, granularity, method) -> None:
+    target = spec.target_sparsity(method.default_granularity)
+    # A method whose selection rounds differently (SparseGPT floors per column block) says how much.
+    tolerance = getattr(method, "tolerance", None) or expected_tolerance
+    if spec.allocation == "uniform" and granularity != "global":
+        off = {n: s for n, s in requested.items() if abs(s - target) > tolerance(shapes[n], granularity, spec.block_size)}
+        if off:
+            raise RuntimeError(f"masks do not match the requested sparsity {target}: {dict(list(off.items())[:5])}")
+    elif abs(report["targets"] - target) > 0.01:
+        raise RuntimeError(f"overall target sparsity {report['targets']:.4f} is off the request {target}")
+
+
+def _save_artifacts(trainer: L.Trainer, pl_module, masks) -> None:
+    out, spec = run_dir(trainer), pl_module.output
+    if spec.save_importance:
+        for group, tensors in pl_module.method.artifacts().items():
+            if tensors:
+                save_tensors(out / f"{group}.safetensors", tensors, {"method": pl_module.method.name})
+    if spec.save_masks and masks:
+        save_tensors(out / "masks.safetensors", masks, {"layout": "out x in, 1 = kept"})
+    if spec.export_model:
+        export_hf_folder(pl_module.model, pl_module.tokenizer, out / "pruned_model")
+        pl_module.summary["pruned_model"] = str(out / "pruned_model")
 
 
 class RunSummary(L.Callback):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -33,7 +32,7 @@ _FILE_KINDS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json",
 
 @dataclass
 class TextSource:
-    """Where documents come from: exactly one of ``path``, ``dataset`` or ``sample``."""
+    """Where documents come from: exactly one of ``path``, ``dataset``, ``sample`` or ``texts``."""
 
     path: Optional[str] = None
     """A local file, directory or glob (txt, md, jsonl, json, parquet, csv)."""
@@ -41,9 +40,15 @@ class TextSource:
     """A ``datasets`` hub name (needs network access or the local HF cache)."""
     subset: Optional[str] = None
     """The hub dataset's configuration name."""
+    data_files: Optional[str] = None
+    """Files of the hub dataset to read (e.g. one shard of C4: ``en/c4-train.00000-of-01024.json.gz``)."""
     split: str = "train"
     sample: Optional[str] = None
     """A built-in sample corpus: ``wikipedia`` (open-domain), ``pubmed`` (medical), ``legal``."""
+    texts: Optional[list[str]] = None
+    """Documents given directly (the Python API)."""
+    fallback_sample: Optional[str] = None
+    """Built-in sample used, with a warning, when the hub ``dataset`` cannot be loaded (offline)."""
     text_field: str = "text"
     """Record field holding the text (ignored when ``template`` is set)."""
     template: Optional[str] = None
@@ -51,11 +56,13 @@ class TextSource:
     max_documents: Optional[int] = None
 
     def __post_init__(self) -> None:
-        given = [k for k in ("path", "dataset", "sample") if getattr(self, k)]
+        given = [k for k in ("path", "dataset", "sample", "texts") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"a text source needs exactly one of path, dataset or sample; got {given or 'none'}")
+            raise ValueError(f"a text source needs exactly one of path, dataset, sample or texts; got {given or 'none'}")
 
     def describe(self) -> str:
+        if self.texts is not None:
+            return f"{len(self.texts)} given texts"
         return self.path or (f"{self.dataset}:{self.subset or ''}:{self.split}" if self.dataset else f"sample:{self.sample}")
 
 
@@ -100,23 +107,16 @@ def _file_documents(path: Path, source: TextSource) -> list[str]:
 
 def load_documents(source: TextSource) -> list[str]:
     """Non-empty documents of a source, in source order."""
-    if source.path:
+    if source.texts is not None:
+        docs = [str(t) for t in source.texts]
+    elif source.path:
         docs = [d for f in _local_files(source.path) for d in _file_documents(f, source)]
     elif source.sample:
         from .assets import sample_corpus
 
         docs = sample_corpus(source.sample)
     else:
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(source.dataset, source.subset, split=source.split)
-        except Exception as err:  # datasets raises many types for "not reachable"
-            raise RuntimeError(
-                f"could not load dataset {source.describe()}: {err}\nWithout hub access, pass local files "
-                "(path: ...) or a built-in sample (sample: wikipedia | pubmed | legal)."
-            ) from err
-        docs = [_record_text(r, source) for r in ds]
+        docs = _hub_documents(source)
     docs = [d for d in docs if d and d.strip()]
     if source.max_documents:
         docs = docs[: source.max_documents]
@@ -125,17 +125,37 @@ def load_documents(source: TextSource) -> list[str]:
     return docs
 
 
+def _hub_documents(source: TextSource) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source.dataset, source.subset, data_files=source.data_files, split=source.split)
+    except Exception as err:  # datasets raises many types for "not reachable"
+        if source.fallback_sample:
+            from .assets import sample_corpus
+
+            log.warning("could not load dataset %s (%s): using the built-in %r sample instead",
+                        source.describe(), type(err).__name__, source.fallback_sample)
+            return sample_corpus(source.fallback_sample)
+        raise RuntimeError(
+            f"could not load dataset {source.describe()}: {err}\nWithout hub access, pass local files "
+            "(path: ...) or a built-in sample (sample: wikipedia | pubmed | legal)."
+        ) from err
+    if source.max_documents:
+        ds = ds.select(range(min(len(ds), source.max_documents)))
+    return [_record_text(r, source) for r in ds]
+
+
 def split_by_document(docs: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded split into (calibration, held-out) documents; held-out gets at least one document."""
+    """Seeded split into (calibration, held-out) documents; each side gets at least one document."""
+    from .assets import split_documents
+
     if not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in (0, 1); got {eval_fraction}")
     if len(docs) < 2:
         raise ValueError("need at least two documents to hold some out for evaluation (or give eval sources)")
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(eval_fraction * len(docs)))
-    held = set(order[:n_eval])
-    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+    fraction = min(max(eval_fraction, 1 / len(docs)), 1 - 1 / len(docs))
+    return split_documents(docs, fraction, seed)
 
 
 def pack_tokens(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -186,11 +206,13 @@ class CalibrationDataModule(L.LightningDataModule):
         seed: int = 0,
         tokenizer: Optional[str] = None,
         num_workers: int = 0,
+        hold_out: bool = True,
     ) -> None:
         """
         Args:
-            general: open-domain calibration text (default: the built-in Wikipedia sample).
-            domain: domain calibration text (default: the built-in PubMed sample).
+            general: open-domain calibration text (e.g. ``TextSource(sample="wikipedia")``).
+            domain: domain calibration text (e.g. ``TextSource(sample="pubmed")``). A pass that reads
+                a set that was not given fails with a clear error when it starts.
             eval_general / eval_domain: evaluation text; default: documents held out of the calibration sources.
             seq_len: tokens per calibration/evaluation sequence.
             num_samples: calibration sequences drawn from each source (seeded).
@@ -199,6 +221,7 @@ class CalibrationDataModule(L.LightningDataModule):
             eval_samples: at most this many evaluation sequences per set.
             seed: seed of the document split and of the sampling.
             tokenizer: tokenizer name/folder; default: the LightningModule's.
+            hold_out: hold documents out of a calibration source for evaluation when no eval source is given.
         """
         super().__init__()
         if seq_len < 2 or num_samples < 1 or batch_size < 1 or eval_samples < 1:
@@ -206,14 +229,11 @@ class CalibrationDataModule(L.LightningDataModule):
                 f"seq_len must be >= 2 and num_samples, batch_size, eval_samples >= 1; got seq_len={seq_len}, "
                 f"num_samples={num_samples}, batch_size={batch_size}, eval_samples={eval_samples}"
             )
-        self.sources = {
-            "general": general or TextSource(sample="wikipedia"),
-            "domain": domain or TextSource(sample="pubmed"),
-        }
+        self.sources = {"general": general, "domain": domain}
         self.eval_sources = {"domain": eval_domain, "general": eval_general}
         self.seq_len, self.num_samples, self.batch_size = seq_len, num_samples, batch_size
         self.eval_fraction, self.eval_samples, self.seed = eval_fraction, eval_samples, seed
-        self.tokenizer_name, self.num_workers = tokenizer, num_workers
+        self.tokenizer_name, self.num_workers, self.hold_out = tokenizer, num_workers, hold_out
         self.calibration: dict[str, torch.Tensor] = {}
         self.evaluation: dict[str, torch.Tensor] = {}
 
@@ -221,8 +241,7 @@ class CalibrationDataModule(L.LightningDataModule):
     def from_token_blocks(cls, general: torch.Tensor, domain: torch.Tensor, eval_general: torch.Tensor,
                           eval_domain: torch.Tensor, batch_size: int = 1) -> "CalibrationDataModule":
         """A datamodule over already tokenised ``[n, seq_len]`` blocks (benchmarks, custom pipelines)."""
-        dm = cls(general=TextSource(path="<blocks>"), domain=TextSource(path="<blocks>"),
-                 seq_len=general.shape[1], num_samples=general.shape[0], batch_size=batch_size)
+        dm = cls(seq_len=general.shape[1], num_samples=general.shape[0], batch_size=batch_size)
         dm.calibration = {"general": general, "domain": domain}
         dm.evaluation = {"general": eval_general, "domain": eval_domain}
         return dm
@@ -238,25 +257,39 @@ class CalibrationDataModule(L.LightningDataModule):
         raise ValueError("CalibrationDataModule needs a tokenizer: pass tokenizer=... or attach it to a Trainer with a DPrunerModule")
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.calibration:  # idempotent across fit / validate
+        if self.calibration or self.evaluation:  # idempotent across fit / validate
             return
         tok = self._tokenizer()
-        for i, (name, source) in enumerate(self.sources.items()):
-            docs = load_documents(source)
-            if self.eval_sources[name] is None:
-                docs, held_out = split_by_document(docs, self.eval_fraction, self.seed + i)
-            else:
-                held_out = load_documents(self.eval_sources[name])
-            what = f"the {name} calibration text ({source.describe()})"
-            self.calibration[name] = sample_blocks(pack_tokens(docs, tok, self.seq_len), self.num_samples, self.seed + i, what)
-            eval_blocks = pack_tokens(held_out, tok, self.seq_len)
-            if eval_blocks.shape[0] == 0:
-                raise ValueError(f"the {name} evaluation text is shorter than one sequence of {self.seq_len} tokens")
-            self.evaluation[name] = eval_blocks[: self.eval_samples]
+        for i, name in enumerate(("general", "domain")):
+            source, eval_source = self.sources[name], self.eval_sources[name]
+            held_out: list[str] = []
+            if source is not None:
+                docs = load_documents(source)
+                if eval_source is None and self.hold_out:
+                    docs, held_out = split_by_document(docs, self.eval_fraction, self.seed + i)
+                what = f"the {name} calibration text ({source.describe()})"
+                self.calibration[name] = sample_blocks(pack_tokens(docs, tok, self.seq_len), self.num_samples, self.seed + i, what)
+            if eval_source is not None:
+                held_out = load_documents(eval_source)
+            if held_out:
+                eval_blocks = pack_tokens(held_out, tok, self.seq_len)
+                if eval_blocks.shape[0] == 0:
+                    raise ValueError(f"the {name} evaluation text is shorter than one sequence of {self.seq_len} tokens")
+                self.evaluation[name] = eval_blocks[: self.eval_samples]
+        if not self.calibration and not self.evaluation:
+            raise ValueError("CalibrationDataModule has no text: give a general and/or domain source (or eval sources)")
+        for name in ("general", "domain"):
             log.info("%s: %d calibration / %d evaluation sequences of %d tokens", name,
-                     self.calibration[name].shape[0], self.evaluation[name].shape[0], self.seq_len)
+                     len(self.calibration.get(name, ())), len(self.evaluation.get(name, ())), self.seq_len)
+
+    @property
+    def eval_names(self) -> tuple[str, ...]:
+        """Names of the evaluation sets, in the order of :meth:`val_dataloader`."""
+        return tuple(n for n in ("domain", "general") if n in self.evaluation)
 
     def calibration_loader(self, name: str) -> DataLoader:
+        if name not in self.calibration:
+            raise ValueError(f"this pass reads the {name} calibration set, but the datamodule was given no {name} source")
         return DataLoader(TokenBlocks(self.calibration[name]), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
@@ -265,4 +298,5 @@ class CalibrationDataModule(L.LightningDataModule):
         return self.calibration_loader(source)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [DataLoader(TokenBlocks(self.evaluation[n]), batch_size=self.batch_size, num_workers=self.num_workers) for n in ("domain", "general")]
+        return [DataLoader(TokenBlocks(self.evaluation[n]), batch_size=self.batch_size, num_workers=self.num_workers)
+                for n in self.eval_names]

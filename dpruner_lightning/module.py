@@ -21,7 +21,7 @@ from torchmetrics import SumMetric
 from .algorithms.targets import Target, find_targets
 from .config import MaskSpec, ModelSpec, OutputSpec, TargetSpec
 from .methods.base import CalibrationPass, PruningMethod
-from .methods.dpruner import DPruner
+from .methods.dpruner import DPrunerMethod
 from .models import check_model_source, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ class DPrunerModule(L.LightningModule):
         mask: MaskSpec = MaskSpec(),
         targets: TargetSpec = TargetSpec(),
         output: OutputSpec = OutputSpec(),
-        eval_names: tuple[str, ...] = ("domain", "general"),
     ) -> None:
         """
         Args:
@@ -44,27 +43,34 @@ class DPrunerModule(L.LightningModule):
             mask: sparsity, granularity and layer-wise allocation of the masks.
             targets: regexes selecting the pruned weight matrices.
             output: what the run writes to its log directory.
-            eval_names: names of the validation sets, in the order of the datamodule's loaders.
         """
         super().__init__()
         check_model_source(model)  # fail before the datamodule tokenises anything
         self.model_spec = model
-        self.method = method if method is not None else DPruner()
+        self.method = method if method is not None else DPrunerMethod()
+        check_spec = getattr(self.method, "check_mask_spec", None)
+        if check_spec is not None:  # methods that honour only some mask settings reject the rest now
+            check_spec(mask)
         self.mask_spec = mask
         self.target_spec = targets
         self.output = output
-        self.eval_names = tuple(eval_names)
+        self.eval_names: tuple[str, ...] = ("domain", "general")
         self.save_hyperparameters(ignore=["method"])
         self.automatic_optimization = False  # passes call backward/step themselves (see DESIGN.md)
         self.model: Optional[torch.nn.Module] = None
         self.targets: dict[str, Target] = {}
         self.schedule: list[CalibrationPass] = [p for p in self.method.passes() for _ in range(p.epochs)]
+        self.apply_masks_at_end = True
         self.stage = "dense"
         self.pruned = False
         self.masks: dict[str, torch.Tensor] = {}
         self.perplexities: dict[str, dict[str, float]] = {}
         self.phase_seconds: dict[str, float] = {}
         self.summary: dict = {}
+        #: Parameter counts of the model as loaded (structured methods shrink it: sparsity is reported
+        #: against these), and the ``out x in`` shape of every target.
+        self.dense_parameters: dict[str, int] = {}
+        self.dense_shapes: dict[str, tuple[int, int]] = {}
         self._tokenizer = None
         self._fp32_buffers: dict[str, torch.Tensor] = {}
         self._nll = torch.nn.ModuleList()
@@ -83,6 +89,9 @@ class DPrunerModule(L.LightningModule):
         self.model = load_causal_lm(self.model_spec)
         self.model.requires_grad_(False)
         self.targets = find_targets(self.model, self.target_spec.target_modules, self.target_spec.exclude_modules)
+        self.dense_shapes = {n: t.shape for n, t in self.targets.items()}
+        self.dense_parameters = {"targets": sum(t.numel() for t in self.targets.values()),
+                                 "all": sum(p.numel() for p in self.model.parameters())}
         # Rotary inv_freq must stay fp32 even under `bf16-true`, which casts every buffer.
         self._fp32_buffers = {n: b.detach().clone() for n, b in self.model.named_buffers() if "inv_freq" in n}
         self.method.prepare(self.model, self.targets)
@@ -106,6 +115,15 @@ class DPrunerModule(L.LightningModule):
 
         pass_names = dict.fromkeys(p.name for p in self.schedule)
         return [CalibrationPassCallback(n) for n in pass_names] + [MaskApplication(), RunSummary()]
+
+    def select_passes(self, names: Optional[list[str]] = None, apply_masks: bool = True) -> None:
+        """Run only the named passes in the next ``fit`` (the step-by-step API); ``None`` = all of them."""
+        passes = self.method.passes()
+        unknown = set(names or ()) - {p.name for p in passes}
+        if unknown:
+            raise ValueError(f"unknown pass {sorted(unknown)}; {self.method.name} has {[p.name for p in passes]}")
+        self.schedule = [p for p in passes if names is None or p.name in names for _ in range(p.epochs)]
+        self.apply_masks_at_end = apply_masks
 
     @property
     def current_pass(self) -> CalibrationPass:
@@ -152,6 +170,8 @@ class DPrunerModule(L.LightningModule):
 
     # -- perplexity -------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
+        # The datamodule says which evaluation sets its loaders hold, in order.
+        self.eval_names = tuple(getattr(self.trainer.datamodule, "eval_names", self.eval_names))
         needed = max(1, len(self.eval_names))
         while len(self._nll) < needed:
             self._nll.append(SumMetric().to(self.device))

@@ -80,4 +80,4 @@ def test_print_config_lists_the_method():
     proc = subprocess.run([sys.executable, "-m", "dpruner_lightning.cli", "fit", "--config", "configs/smoke.yaml",
                            "--print_config"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "dpruner_lightning.methods.DPruner" in proc.stdout and "lambda_reg: 0.1" in proc.stdout
+    assert "dpruner_lightning.methods.DPrunerMethod" in proc.stdout and "lambda_reg: 0.1" in proc.stdout

@@ -8,7 +8,7 @@ import torch
 from dpruner_lightning.config import MaskSpec, ModelSpec, TargetSpec
 from dpruner_lightning.data import TextSource
 from dpruner_lightning.export import export_hf_folder
-from dpruner_lightning.methods import DPruner
+from dpruner_lightning.methods import DPrunerMethod
 from dpruner_lightning.module import DPrunerModule
 
 from .conftest import tiny_model
@@ -26,7 +26,10 @@ def test_unknown_random_model_type():
 
 
 def test_unreachable_hub_model_names_the_fix(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # Offline mode is read at import time: patch the constant so no network retry is attempted.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     from dpruner_lightning.models import load_tokenizer
 
     with pytest.raises(OSError, match="could not load the tokenizer of 'nobody-org/no-such-model-xyz'"):
@@ -48,7 +51,7 @@ def test_bad_nm_pattern(pattern):
 @pytest.mark.parametrize("kwargs", [dict(lambda_reg=-0.1), dict(alpha=-1e-4)])
 def test_negative_lambda_or_alpha(kwargs):
     with pytest.raises(ValueError, match="must be >= 0"):
-        DPruner(**kwargs)
+        DPrunerMethod(**kwargs)
 
 
 def test_target_regex_matching_nothing(tmp_path):
@@ -63,7 +66,7 @@ def test_target_regex_matching_nothing_fails_before_any_pass(tmp_path, monkeypat
     from .helpers import smoke_data
 
     calls = []
-    monkeypatch.setattr(DPruner, "start_pass", lambda self, p: calls.append(p))
+    monkeypatch.setattr(DPrunerMethod, "start_pass", lambda self, p: calls.append(p))
     module = DPrunerModule(model=tiny_spec(), targets=TargetSpec(target_modules="lm_head_only_please"))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         max_epochs=-1, default_root_dir=str(tmp_path))
@@ -94,7 +97,7 @@ def test_missing_text_file():
 
 
 def test_text_source_needs_exactly_one_origin():
-    with pytest.raises(ValueError, match="exactly one of path, dataset or sample"):
+    with pytest.raises(ValueError, match="exactly one of path, dataset, sample or texts"):
         TextSource(path="a.txt", sample="pubmed")
 
 

@@ -14,7 +14,7 @@ from dpruner_lightning.algorithms.importance import (
 )
 from dpruner_lightning.algorithms.targets import find_targets
 from dpruner_lightning.config import MaskSpec
-from dpruner_lightning.methods import DPruner
+from dpruner_lightning.methods import DPrunerMethod
 
 from .conftest import tiny_model
 
@@ -99,7 +99,7 @@ def test_dpruner_passes_match_naive_simulation():
     model = tiny_model("llama")
     targets = find_targets(model)
     names = list(targets)
-    method = DPruner(general_estimator="taylor", lambda_reg=lam, alpha=alpha)
+    method = DPrunerMethod(general_estimator="taylor", lambda_reg=lam, alpha=alpha)
     _drive(method, model, targets, general, domain)
 
     # Naive: per-batch gradients -> G; then SGD on L + lam*sum G (W-W0)^2 with autograd.
@@ -145,7 +145,7 @@ def test_alpha_zero_gives_domain_taylor_and_lambda_zero_no_regulariser():
     model = tiny_model("llama")
     targets = find_targets(model)
     w0 = {n: t.weight_view().detach().clone() for n, t in targets.items()}
-    method = DPruner(lambda_reg=1.0, alpha=0.0)
+    method = DPrunerMethod(lambda_reg=1.0, alpha=0.0)
     _drive(method, model, targets, general, domain)
     ref = tiny_model("llama")
     expected = {n: torch.zeros_like(w) for n, w in w0.items()}

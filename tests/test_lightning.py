@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpruner_lightning.config import MaskSpec
-from dpruner_lightning.methods import DPruner
+from dpruner_lightning.methods import DPrunerMethod
 
 from .helpers import mask_hash, run_prune
 
@@ -16,7 +16,7 @@ from .helpers import mask_hash, run_prune
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox"])
 @pytest.mark.parametrize("estimator", ["taylor", "obs"])
 def test_every_family_prunes(tmp_path, family, estimator):
-    module = run_prune(tmp_path, family, method=DPruner(general_estimator=estimator), validate=False)
+    module = run_prune(tmp_path, family, method=DPrunerMethod(general_estimator=estimator), validate=False)
     assert module.pruned and len(module.masks) >= 4
     for name, t in module.targets.items():
         assert abs(float((t.weight_view() == 0).float().mean()) - 0.5) < 1e-3, name

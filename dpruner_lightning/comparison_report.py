@@ -1,0 +1,152 @@
+"""Measurements and reports of ``dpruner compare`` / ``sweep``: peak memory, compression ratio, the
+markdown table, and the files written (``<stem>.md``, ``<stem>.json``, TensorBoard text).
+
+Compression ratio (see :func:`compression_ratio`): dense parameter bytes divided by the bytes of a
+storage that actually exploits the pruning:
+
+* unstructured (masks): every target matrix stored as a bitmask (1 bit per original weight) plus its
+  non-zero values in the model's dtype; every other parameter dense. At 50% on fp32 targets this is
+  4 / (0.125 + 2) = 1.88x on the targets (bf16: 2 / 1.125 = 1.78x);
+* structured (shapes shrank): dense parameter count / remaining parameter count;
+* the dense model: 1.0.
+
+Peak memory (see :class:`PeakMemory`): on CUDA the device's peak allocated bytes, reset before each row.
+On CPU (Linux) the process's peak resident set (``VmHWM``), reset before each row through
+``/proc/self/clear_refs``; where that reset is not allowed the only number left is the process-wide
+``ru_maxrss``, which never decreases, so later rows inherit earlier peaks: the JSON says which kind
+each row has (``peak_memory_kind``). RSS includes the Python runtime, the libraries, the tokenised data
+and memory the allocator keeps after earlier rows: compare rows with each other, not with a model size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import math
+import re
+import resource
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .export import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _vm_kib(field: str) -> Optional[int]:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+class PeakMemory:
+    """Context manager measuring the peak memory of the code it wraps (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.kind = "unknown"
+        self.start_bytes = 0
+        self.peak_bytes = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self.kind, self.start_bytes = "cuda_max_allocated", int(torch.cuda.memory_allocated())
+            return self
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to the current RSS
+            self.kind = "cpu_peak_rss"
+        except OSError:
+            self.kind = "cpu_process_max_rss_monotone"
+        self.start_bytes = (_vm_kib("VmRSS") or 0) * 1024
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.kind == "cuda_max_allocated":
+            self.peak_bytes = int(torch.cuda.max_memory_allocated())
+        elif self.kind == "cpu_peak_rss" and _vm_kib("VmHWM") is not None:
+            self.peak_bytes = _vm_kib("VmHWM") * 1024
+        else:
+            self.peak_bytes = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise), so the
+    next row's peak RSS starts from what is really alive."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+@torch.no_grad()
+def compression_ratio(module) -> float:
+    """Dense bytes / bytes of a storage exploiting the pruning (formula in the module docstring)."""
+    params = list(module.model.parameters())
+    if getattr(module.method, "structured", False):
+        return module.dense_parameters["all"] / max(1, sum(p.numel() for p in params))
+    if not module.pruned:
+        return 1.0
+    dense_bytes = sum(p.numel() * p.element_size() for p in params)
+    target_ids = {id(t.weight) for t in module.targets.values()}
+    other = sum(p.numel() * p.element_size() for p in params if id(p) not in target_ids)
+    sparse = sum(math.ceil(t.weight.numel() / 8) + int(t.weight.count_nonzero()) * t.weight.element_size()
+                 for t in module.targets.values())
+    return dense_bytes / max(1, other + sparse)
+
+
+COLUMNS = (
+    ("method", "Method", "{}"),
+    ("sparsity_targets", "Sparsity (targets)", "{:.3f}"),
+    ("sparsity_all", "Sparsity (all params)", "{:.3f}"),
+    ("ppl_domain", "PPL domain", "{:.2f}"),
+    ("ppl_general", "PPL general", "{:.2f}"),
+    ("seconds_prune", "Prune s", "{:.2f}"),
+    ("seconds_total", "Total s", "{:.1f}"),
+    ("peak_memory_mib", "Peak MiB", "{:.0f}"),
+    ("compression_ratio", "Compression", "{:.2f}x"),
+)
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def generate_comparison_report(results: list[dict], title: Optional[str] = None) -> str:
+    """A markdown table with one line per result row (failed rows show their error)."""
+    lines = [f"## {title}", ""] if title else []
+    lines.append("| " + " | ".join(h for _, h, _ in COLUMNS) + " |")
+    lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+    for row in results:
+        if row.get("error"):
+            lines.append(f"| {row['method']} | failed: {str(row['error']).splitlines()[0][:120]} |" + " |" * (len(COLUMNS) - 2))
+            continue
+        lines.append("| " + " | ".join(_cell(row.get(k), f) for k, _, f in COLUMNS) + " |")
+    kinds = sorted({r.get("peak_memory_kind") for r in results if r.get("peak_memory_kind")})
+    lines += ["", f"Sparsity of LLM-Pruner = fraction of parameters removed. Peak memory: {', '.join(kinds) or 'n/a'}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(output_dir: Path, stem: str, rows: list[dict], meta: dict, tensorboard: bool = True) -> str:
+    """Write ``<stem>.json`` and ``<stem>.md`` atomically (and the table as TensorBoard text); returns the markdown."""
+    markdown = generate_comparison_report(rows, title=meta.get("title"))
+    atomic_write_json(output_dir / f"{stem}.json", {**meta, "rows": rows})
+    atomic_write_text(output_dir / f"{stem}.md", markdown)
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=str(output_dir)) as writer:
+            writer.add_text(stem, markdown, 0)
+    return markdown
