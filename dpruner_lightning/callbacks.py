@@ -72,6 +72,13 @@ class CalibrationPassCallback(L.Callback):
         return [i for i, p in enumerate(module.schedule) if p.name == self.pass_name]
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if trainer.world_size > 1:
+            # Accumulators would need summing across ranks, and squares taken inside no_sync() (DESIGN.md
+            # section 5): until that is built and tested against one process, refuse rather than be wrong.
+            raise NotImplementedError(
+                f"calibration passes on {trainer.world_size} processes are not implemented yet: run on one device "
+                "(trainer.devices=1); the importance scores would otherwise be per-rank, not global"
+            )
         if stage == "fit":
             # One epoch per pass epoch, and a fresh train loader each epoch (general, then domain data).
             trainer.fit_loop.max_epochs = len(pl_module.schedule)

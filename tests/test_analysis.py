@@ -11,7 +11,7 @@ import torch
 from dpruner_lightning.analysis import MaskAnalyzer, PerformanceTracker, load_masks
 from dpruner_lightning.export import save_tensors
 
-from .conftest import REPO
+
 
 
 def _mask(shape: tuple[int, int], pruned: int) -> torch.Tensor:
