@@ -71,7 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random:llama")
     ap.add_argument("--tokenizer", default="bytes")
-    ap.add_argument("--samples", type=int, default=16, help="calibration sequences per pass")
+    ap.add_argument("--samples", type=int, default=8, help="calibration sequences per pass")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="best of N for every timing")

@@ -58,3 +58,21 @@ def test_validate_reports_exact_token_weighted_perplexity(tmp_path):
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
         assert module.perplexities["pruned"][name] == pytest.approx(math.exp(float(nll)), rel=1e-4)
     assert set(module.perplexities) >= {"dense", "pruned"}
+
+
+def test_bf16_true_keeps_rotary_inv_freq_in_fp32(tmp_path):
+    import lightning as L
+
+    from dpruner_lightning.config import OutputSpec
+    from dpruner_lightning.module import DPrunerModule
+
+    from .helpers import smoke_data, tiny_spec
+
+    module = DPrunerModule(model=tiny_spec(), output=OutputSpec(export_model=False))
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-true", max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, smoke_data())
+    buffers = {n: b for n, b in module.model.named_buffers() if "inv_freq" in n}
+    assert buffers and all(b.dtype == torch.float32 for b in buffers.values())
+    assert next(module.model.parameters()).dtype == torch.bfloat16
+    assert module.summary["sparsity_realised"]["targets"] == pytest.approx(0.5, abs=1e-3)
