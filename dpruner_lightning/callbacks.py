@@ -61,6 +61,8 @@ class CalibrationPassCallback(L.Callback):
     def __init__(self, pass_name: str) -> None:
         self.pass_name = pass_name
         self._t0 = 0.0
+        self._validation_seconds = 0.0  # Lightning validates inside the epoch: not part of the pass
+        self._v0: float | None = None
 
     def state_dict(self) -> dict:
         return {"pass_name": self.pass_name}
@@ -88,7 +90,17 @@ class CalibrationPassCallback(L.Callback):
         if self._mine(pl_module) and trainer.current_epoch == self._epochs(pl_module)[0]:
             log.info("pass %r: %s", self.pass_name, pl_module.current_pass)
             self._t0 = time.perf_counter()
+            self._validation_seconds = 0.0
             pl_module.method.start_pass(pl_module.current_pass)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.training or trainer.state.fn == "fit":
+            self._v0 = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self._v0 is not None:
+            self._validation_seconds += time.perf_counter() - self._v0
+            self._v0 = None
 
     def on_after_backward(self, trainer: L.Trainer, pl_module) -> None:
         if self._mine(pl_module):
@@ -101,7 +113,7 @@ class CalibrationPassCallback(L.Callback):
             return
         p = pl_module.current_pass
         pl_module.method.end_pass(p)
-        seconds = time.perf_counter() - self._t0
+        seconds = time.perf_counter() - self._t0 - self._validation_seconds
         pl_module.phase_seconds[p.name] = seconds
         writer = tensorboard(trainer)
         if writer is not None:

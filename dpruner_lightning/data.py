@@ -86,7 +86,10 @@ def _local_files(pattern: str) -> list[Path]:
     else:
         files = sorted(Path(f) for f in glob.glob(str(p)))
     if not files:
-        raise FileNotFoundError(f"no text file found at {pattern!r} (expected a txt/jsonl/json/parquet/csv file, directory or glob)")
+        where = "" if p.is_absolute() else f"; relative paths start from the current directory {Path.cwd()}"
+        raise FileNotFoundError(
+            f"no text file found at {pattern!r} (expected a txt/jsonl/json/parquet/csv file, directory or glob{where})"
+        )
     return files
 
 
