@@ -23,6 +23,11 @@ TINY = {
                 max_position_embeddings=256, word_embed_proj_dim=64),
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      vocab_size=257, max_position_embeddings=256),
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=257),
+    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=257, max_position_embeddings=256),
+    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=257, max_position_embeddings=256),
 }
 
 

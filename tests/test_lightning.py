@@ -23,6 +23,13 @@ def test_every_family_prunes(tmp_path, family, estimator):
     assert module.summary["sparsity_realised"]["targets"] == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.parametrize("family", ["bloom", "qwen2", "mistral"])
+def test_more_families_prune(tmp_path, family):
+    module = run_prune(tmp_path, family, validate=False)
+    assert module.summary["sparsity_realised"]["targets"] == pytest.approx(0.5, abs=1e-3)
+    assert len(module.targets) >= 4
+
+
 def test_same_seed_same_mask_other_data_seed_other_mask(tmp_path):
     a = run_prune(tmp_path / "a", seed=0, validate=False)
     b = run_prune(tmp_path / "b", seed=0, validate=False)

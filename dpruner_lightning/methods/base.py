@@ -63,8 +63,9 @@ class PruningMethod:
         pass
 
     @torch.no_grad()
-    def after_backward(self, p: CalibrationPass) -> dict[str, float]:
-        """Read (and possibly modify) ``target.weight.grad`` after one micro-batch; return stats to log."""
+    def after_backward(self, p: CalibrationPass) -> dict[str, float | torch.Tensor]:
+        """Read (and possibly modify) ``target.weight.grad`` after one micro-batch; return stats to log
+        (0-dim tensors are fine and avoid a host sync per matrix)."""
         return {}
 
     def collect(self, p: CalibrationPass, input_ids: torch.Tensor) -> None:

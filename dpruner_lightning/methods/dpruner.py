@@ -109,27 +109,28 @@ class DPrunerMethod(PruningMethod):
             self.dual = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.weight.device) for n, t in self.targets.items()}
 
     @torch.no_grad()
-    def after_backward(self, p: CalibrationPass) -> dict[str, float]:
+    def after_backward(self, p: CalibrationPass) -> dict[str, torch.Tensor]:
         if p.name == "general":
             for name, t in self.targets.items():
                 taylor_accumulate_(self._taylor[name], t.weight_view(t.weight.grad))
             return {}
-        task_sq = reg_sq = 0.0
+        # Norms stay on the device and are summed as tensors: one host sync per step, not one per matrix.
+        task_sq = reg_sq = torch.zeros((), dtype=torch.float32)
         for name, t in self.targets.items():
             grad = t.weight_view(t.weight.grad)
             weight = t.weight_view()
-            task_sq += float(grad.float().pow(2).sum())
             total = grad.float()
+            task_sq = task_sq.to(total.device) + total.pow(2).sum()
             if self.lambda_reg > 0:
                 reg = regulariser_grad(self.general[name], weight, self.original[name], self.lambda_reg)
-                reg_sq += float(reg.pow(2).sum())
+                reg_sq = reg_sq.to(reg.device) + reg.pow(2).sum()
                 total = total + reg
                 step = total
                 if self.update == "proximal":  # implicit regulariser: stable for any G (module docstring)
                     step = total / self.general[name].mul(2.0 * self.alpha * self.lambda_reg).add_(1.0)
                 grad.copy_(step)  # what the SGD step applies
             dual_accumulate_(self.dual[name], total, weight)
-        return {"dual/task_grad_norm": task_sq**0.5, "dual/reg_grad_norm": reg_sq**0.5}
+        return {"dual/task_grad_norm": task_sq.sqrt(), "dual/reg_grad_norm": reg_sq.sqrt()}
 
     def end_pass(self, p: CalibrationPass) -> None:
         if p.name != "general":
