@@ -11,6 +11,12 @@
   after every validation).
 
 Artifacts are saved explicitly: ``ModelCheckpoint`` never fires when ``global_step`` stays 0.
+
+Several processes (Lightning's DDP strategies only): at the end of each pass the method's accumulators
+are summed across ranks (:meth:`PruningMethod.reduce_across_ranks`, given an in-place all-reduce-sum
+built on ``trainer.strategy.reduce``) before :meth:`end_pass`, so every rank computes the same scores and
+masks; artifacts and ``summary.json`` are written by rank 0 only. Other multi-process strategies
+(FSDP, DeepSpeed) and methods with ``multi_process = False`` (SparseGPT) raise ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 from .algorithms.masks import check_realised, expected_tolerance, mask_sparsity, realised_sparsity
 from .export import atomic_write_json, export_hf_folder, save_tensors
@@ -30,6 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def run_dir(trainer: L.Trainer) -> Path:
+    """The run's log directory. ``trainer.log_dir`` is a collective (a broadcast) on several processes:
+    call this on EVERY rank, and only then skip the writing on ranks other than 0."""
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -57,6 +66,36 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def all_reduce_sum(trainer: L.Trainer):
+    """An in-place sum of a tensor over the trainer's ranks (what :meth:`reduce_across_ranks` receives)."""
+    strategy = trainer.strategy
+
+    def reduce_(t: torch.Tensor) -> torch.Tensor:
+        out = strategy.reduce(t, reduce_op="sum")
+        if out is not t:
+            t.copy_(out)
+        return t
+
+    return reduce_
+
+
+def check_multi_process(trainer: L.Trainer, pl_module) -> None:
+    """Refuse the multi-process setups whose results would not equal one process."""
+    if trainer.world_size <= 1:
+        return
+    if not isinstance(trainer.strategy, DDPStrategy):
+        raise NotImplementedError(
+            f"calibration passes on {trainer.world_size} processes support Lightning's DDP strategies only "
+            f"(strategy='ddp' or 'ddp_spawn'), not {type(trainer.strategy).__name__}"
+        )
+    method = pl_module.method
+    if not getattr(method, "multi_process", True):
+        raise NotImplementedError(
+            f"{method.name} cannot run on several processes (it replays the calibration batches itself, each "
+            f"rank would prune with its own share of them): run it on one device (trainer.devices=1)"
+        )
+
+
 class CalibrationPassCallback(L.Callback):
     def __init__(self, pass_name: str) -> None:
         self.pass_name = pass_name
@@ -74,14 +113,8 @@ class CalibrationPassCallback(L.Callback):
         return [i for i, p in enumerate(module.schedule) if p.name == self.pass_name]
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        if trainer.world_size > 1:
-            # Accumulators would need summing across ranks, and squares taken inside no_sync() (DESIGN.md
-            # section 5): until that is built and tested against one process, refuse rather than be wrong.
-            raise NotImplementedError(
-                f"calibration passes on {trainer.world_size} processes are not implemented yet: run on one device "
-                "(trainer.devices=1); the importance scores would otherwise be per-rank, not global"
-            )
         if stage == "fit":
+            check_multi_process(trainer, pl_module)
             # One epoch per pass epoch, and a fresh train loader each epoch (general, then domain data).
             trainer.fit_loop.max_epochs = len(pl_module.schedule)
             trainer.reload_dataloaders_every_n_epochs = 1
@@ -112,6 +145,8 @@ class CalibrationPassCallback(L.Callback):
         if not (self._mine(pl_module) and trainer.current_epoch == self._epochs(pl_module)[-1]):
             return
         p = pl_module.current_pass
+        if trainer.world_size > 1:  # every rank accumulated its own batches: sum them before scoring
+            pl_module.method.reduce_across_ranks(p, all_reduce_sum(trainer))
         pl_module.method.end_pass(p)
         seconds = time.perf_counter() - self._t0 - self._validation_seconds
         pl_module.phase_seconds[p.name] = seconds
@@ -205,6 +240,8 @@ def _check_request(report, requested, shapes, spec, granularity, method) -> None
 
 def _save_artifacts(trainer: L.Trainer, pl_module, masks) -> None:
     out, spec = run_dir(trainer), pl_module.output
+    if not trainer.is_global_zero:  # every rank holds the same results: rank 0 writes them
+        return
     if spec.save_importance:
         for group, tensors in pl_module.method.artifacts().items():
             if tensors:
@@ -221,9 +258,12 @@ class RunSummary(L.Callback):
 
     @staticmethod
     def write(trainer: L.Trainer, pl_module) -> None:
+        out = run_dir(trainer)  # on every rank (a collective), then rank 0 writes
+        if not trainer.is_global_zero:
+            return
         summary = dict(pl_module.summary)
         summary["perplexity"] = {stage: dict(v) for stage, v in pl_module.perplexities.items()}
-        atomic_write_json(run_dir(trainer) / "summary.json", summary)
+        atomic_write_json(out / "summary.json", summary)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking:

@@ -10,6 +10,13 @@ each tokenised, packed into ``seq_len``-token blocks and sampled (``num_samples`
 explicit evaluation sources are given, each source is first split BY DOCUMENT into calibration and
 held-out documents, so evaluation text never overlaps calibration text. The training loader of each
 epoch is the calibration set that the current pass of the module reads.
+
+Several processes (DDP): the calibration loader carries its own ``DistributedSampler`` with
+``shuffle=False`` (Lightning would otherwise inject a SHUFFLED one for training loaders), so rank r
+reads sequences r, r+N, r+2N, ... in order; when N does not divide the set, the sampler pads it with
+repeated sequences (as every ``DistributedSampler`` does). Evaluation loaders get Lightning's own
+(non-shuffled) ``DistributedSampler``, which pads the same way, so a perplexity on N processes may count
+up to N-1 sequences twice.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +300,12 @@ class CalibrationDataModule(L.LightningDataModule):
     def calibration_loader(self, name: str) -> DataLoader:
         if name not in self.calibration:
             raise ValueError(f"this pass reads the {name} calibration set, but the datamodule was given no {name} source")
-        return DataLoader(TokenBlocks(self.calibration[name]), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        dataset = TokenBlocks(self.calibration[name])
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:  # rank r: sequences r, r+N, ... (no shuffling)
+            sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+            return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module if self.trainer is not None else None

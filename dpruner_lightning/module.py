@@ -5,12 +5,27 @@ epochs 1.. = the regularised dual pass on domain data); the callbacks of :mod:`c
 method's hooks, and the masks are applied when training ends. ``validate`` reports the perplexity of
 whatever weights the module holds, logged as ``ppl/<eval set>_<stage>`` with stage ``dense`` (before
 any weight changed), ``tuned`` (after an SGD pass) or ``pruned``.
+
+Gradients. The target weights require grad for the whole ``fit`` (DDP needs parameters that require
+grad when it wraps the module) and nothing else does; passes that need no gradient run their forward
+under ``torch.no_grad()``, so no graph is built and memory is as before. After ``fit`` nothing requires
+grad.
+
+Several processes (Lightning's DDP strategies, ``ddp`` / ``ddp_spawn``): each rank runs its share of the
+calibration batches (Lightning's ``DistributedSampler``, no shuffle: rank r gets sequences r, r+N, ...).
+Every training step runs inside the DDP wrapper's ``no_sync()``: DDP would otherwise average the
+gradients during backward, and squares of that mean are not sums of per-micro-batch squares. The
+methods' accumulators are summed across ranks at the end of each pass (see
+:meth:`PruningMethod.reduce_across_ranks`), and an ``sgd`` pass averages the target gradients over
+ranks by hand before ``opt.step()``, so every rank applies the same update. With ``ddp_spawn`` the
+calling process only gets rank 0's weights back: read the results from the artifacts.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from contextlib import ExitStack
 from typing import Optional
 
 import lightning as L
@@ -75,6 +90,7 @@ class DPrunerModule(L.LightningModule):
         self._fp32_buffers: dict[str, torch.Tensor] = {}
         self._nll = torch.nn.ModuleList()
         self._tokens = torch.nn.ModuleList()
+        self._no_sync = ExitStack()
 
     # -- model ------------------------------------------------------------------------------------
     @property
@@ -84,8 +100,24 @@ class DPrunerModule(L.LightningModule):
         return self._tokenizer
 
     def configure_model(self) -> None:
-        if self.model is not None:  # idempotent: fit, validate and the API call it again
-            return
+        if self.model is None:  # idempotent: fit, validate and the API call it again
+            self._load_model()
+        # Targets require grad for the whole fit (DDP, which wraps the module right after this hook,
+        # needs some); validate / predict need none. on_fit_end turns them off again.
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        self._targets_require_grad(fitting)
+
+    def _targets_require_grad(self, flag: bool) -> None:
+        for t in self.targets.values():
+            t.weight.requires_grad_(flag)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # ddp_spawn hands rank 0's weights back to the calling process, whose model may never have been loaded.
+        if self.model is None and any(k.startswith("model.") for k in state_dict):
+            self._load_model()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_model(self) -> None:
         self.model = load_causal_lm(self.model_spec)
         self.model.requires_grad_(False)
         self.targets = find_targets(self.model, self.target_spec.target_modules, self.target_spec.exclude_modules)
@@ -105,6 +137,9 @@ class DPrunerModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._restore_fp32_buffers()
+
+    def on_fit_end(self) -> None:
+        self._targets_require_grad(False)
 
     def on_validation_start(self) -> None:
         self._restore_fp32_buffers()
@@ -138,6 +173,16 @@ class DPrunerModule(L.LightningModule):
     def lm_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # DDP: keep gradients local. training_step runs inside the wrapper's forward, so no_sync() must
+        # be entered before it (and its backward happens inside it too).
+        ddp = self.trainer.model
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            self._no_sync.enter_context(ddp.no_sync())
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        self._no_sync.close()
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         p = self.current_pass
         input_ids = batch["input_ids"]
@@ -151,11 +196,10 @@ class DPrunerModule(L.LightningModule):
                 self.model(input_ids=input_ids, use_cache=False)
             return None
         opt = self.optimizers()
-        for t in self.targets.values():
-            t.weight.requires_grad_(True)
         loss = self.lm_loss(input_ids)
         self.manual_backward(loss)  # callbacks' on_after_backward hand the gradients to the method
         if p.mode == "sgd" and self.method.learning_rate > 0:
+            self._average_gradients_across_ranks()
             if self.method.max_grad_norm:
                 self.clip_gradients(opt, gradient_clip_val=self.method.max_grad_norm, gradient_clip_algorithm="norm")
             opt.step()
@@ -164,9 +208,20 @@ class DPrunerModule(L.LightningModule):
         self.log(f"loss/{p.name}", loss.detach(), on_step=True, prog_bar=True, batch_size=input_ids.shape[0])
         return None
 
-    def on_train_epoch_end(self) -> None:
+    @torch.no_grad()
+    def _average_gradients_across_ranks(self) -> None:
+        """Several processes: replace every target's local step gradient by its mean over ranks (by hand,
+        since the backward ran under no_sync()), so all ranks take the same SGD step."""
+        world = self.trainer.world_size
+        if world <= 1:
+            return
         for t in self.targets.values():
-            t.weight.requires_grad_(False)
+            if t.weight.grad is not None:
+                grad = t.weight.grad
+                reduced = self.trainer.strategy.reduce(grad, reduce_op="sum")
+                if reduced is not grad:
+                    grad.copy_(reduced)
+                grad.div_(world)
 
     # -- perplexity -------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

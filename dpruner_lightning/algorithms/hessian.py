@@ -164,6 +164,31 @@ class InputStatistics:
         slot = self._slots.get(name)
         return 0 if slot is None else slot.tokens
 
+    @torch.no_grad()
+    def all_reduce_(self, all_reduce_sum) -> None:
+        """Several processes: make every accumulator the one of all ranks' tokens together.
+
+        ``all_reduce_sum`` sums a tensor over ranks in place. H is a running average, so it is turned
+        back into a sum (``H * n``), summed with the token counts, and divided again; ``sq_norm`` is
+        already a sum. Every rank must have seen input for every target (and hence share inputs the
+        same way, which holds for the same model): slots are reduced in target order."""
+        done: set[int] = set()
+        for name in self.targets:
+            slot = self._slot(name)
+            if id(slot) in done:  # targets sharing an input share the slot: reduce it once
+                continue
+            done.add(id(slot))
+            tokens = torch.tensor([float(slot.tokens)], dtype=torch.float64, device=slot.value.device)
+            all_reduce_sum(tokens)
+            total = int(round(float(tokens[0])))
+            if self.kind == "hessian":
+                slot.value.mul_(float(slot.tokens))
+                all_reduce_sum(slot.value)
+                slot.value.div_(float(max(total, 1)))
+            else:
+                all_reduce_sum(slot.value)
+            slot.tokens = total
+
     def clear(self) -> None:
         """Drop all accumulators (hooks stay attached)."""
         self._slots.clear()

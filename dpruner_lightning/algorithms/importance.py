@@ -46,6 +46,16 @@ def taylor_accumulate_(state: TaylorState, grad: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def taylor_all_reduce_(state: TaylorState, all_reduce_sum) -> None:
+    """Several processes: replace the sums and the count by their totals over ranks (``all_reduce_sum``:
+    in-place sum of a tensor over ranks), so :func:`taylor_score` equals one process over all batches."""
+    all_reduce_sum(state.grad_sum)
+    all_reduce_sum(state.sq_sum)
+    count = torch.tensor([float(state.count)], dtype=torch.float64, device=state.grad_sum.device)
+    state.count = int(round(float(all_reduce_sum(count)[0])))
+
+
+@torch.no_grad()
 def taylor_score(state: TaylorState, weight: torch.Tensor) -> torch.Tensor:
     """``|gbar * W + 0.5 * W^2 * F|`` from the accumulated sums."""
     if state.count == 0:

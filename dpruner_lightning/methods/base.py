@@ -5,12 +5,19 @@ for every calibration pass :meth:`start_pass`, per micro-batch :meth:`after_back
 or :meth:`collect` (methods that replay batches themselves), :meth:`end_pass`, and finally
 :meth:`prune`. Methods are pure torch: the Lightning layer only decides *when* each hook runs (which
 epoch, which batch) and feeds the data; a method never sees a Trainer.
+
+Several processes (DDP): every rank accumulates over its own share of the calibration batches, with
+local (un-synchronised) gradients; before :meth:`end_pass` the Lightning layer calls
+:meth:`reduce_across_ranks` with an in-place all-reduce-sum function, and the method turns its
+accumulators into global sums, so scores and masks are the same on every rank and equal to one
+process over all the batches. A method that accumulates anything must implement it; one that cannot
+run on several processes sets :attr:`multi_process` to False (the layer then refuses to start).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping, Optional
+from typing import Callable, Literal, Mapping, Optional
 
 import torch
 from torch import nn
@@ -20,6 +27,9 @@ from ..algorithms.targets import Target, block_index, find_decoder_blocks
 from ..config import MaskSpec
 
 PassMode = Literal["forward", "backward", "sgd", "collect", "none"]
+
+#: In-place sum of a tensor over all ranks (returns it); the identity on one process.
+AllReduceSum = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,8 @@ class PruningMethod:
     learning_rate: float = 0.0
     #: Gradient-norm clipping of ``sgd`` steps (None: no clipping).
     max_grad_norm: Optional[float] = None
+    #: Whether the method can run its passes on several processes (see :meth:`reduce_across_ranks`).
+    multi_process: bool = True
 
     def __init__(self) -> None:
         self.targets: dict[str, Target] = {}
@@ -70,6 +82,11 @@ class PruningMethod:
 
     def collect(self, p: CalibrationPass, input_ids: torch.Tensor) -> None:
         pass
+
+    def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum: AllReduceSum) -> None:
+        """Several processes only: called once at the end of pass ``p``, before :meth:`end_pass`, on every
+        rank. Replace every per-rank accumulator of the pass by its sum over ranks with
+        ``all_reduce_sum`` (in place; call it in the same order on every rank). Default: nothing to sum."""
 
     def end_pass(self, p: CalibrationPass) -> None:
         pass

@@ -16,6 +16,15 @@ The default ``update="proximal"`` takes the regulariser implicitly:
 gradient divided elementwise by ``1 + 2*alpha*lambda*G``. It is unconditionally stable and equals
 plain SGD to first order wherever ``2*alpha*lambda*G`` is small (virtually every weight). S is
 always accumulated from the undivided gradient of ``L_ours``. ``update="sgd"`` is plain SGD.
+
+Several processes (DDP, N ranks). General pass: every rank sums its own micro-batches (Taylor sums
+and count, or the OBS input Hessian) and :meth:`reduce_across_ranks` totals them: the same as one
+process. Dual pass: each rank adds the S terms of its own micro-batch, from its LOCAL regularised
+gradient (the backward runs under DDP's ``no_sync()``), and S is summed across ranks at the end; the
+module then averages the step gradients over ranks by hand before the SGD step, so every rank applies
+the same update and the weights stay identical. One step on N ranks is therefore one process with
+gradient accumulation over N micro-batches at the same weights (S gets N terms, the step uses their
+mean gradient), not N sequential steps.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from ..algorithms.hessian import InputStatistics, obs_saliency
 from ..algorithms.importance import (
     TaylorState,
     dual_accumulate_,
+    taylor_all_reduce_,
     normalise_mean_,
     regulariser_grad,
     taylor_accumulate_,
@@ -132,6 +142,17 @@ class DPrunerMethod(PruningMethod):
             dual_accumulate_(self.dual[name], total, weight)
         return {"dual/task_grad_norm": task_sq.sqrt(), "dual/reg_grad_norm": reg_sq.sqrt()}
 
+    def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum) -> None:
+        if p.name == "general":
+            if self.general_estimator == "taylor":
+                for name in self.targets:
+                    taylor_all_reduce_(self._taylor[name], all_reduce_sum)
+            else:
+                self._stats.all_reduce_(all_reduce_sum)
+        else:
+            for name in self.targets:
+                all_reduce_sum(self.dual[name])
+
     def end_pass(self, p: CalibrationPass) -> None:
         if p.name != "general":
             return
@@ -160,6 +181,7 @@ class DPrunerMethod(PruningMethod):
                 log.warning("%s. Use update='proximal', or lower alpha or lambda_reg.", msg)
             else:
                 log.info("%s; the proximal update keeps them stable.", msg)
+
     def scores(self) -> dict[str, torch.Tensor]:
         if not self.dual:
             raise RuntimeError("D-PRUNER has no dual importance yet: run the general and the dual pass first")

@@ -103,6 +103,11 @@ class LLMPruner(PruningMethod):
             params[name].grad = None
         return {}
 
+    def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum) -> None:
+        for name in self._names:  # gradient sums of all ranks' micro-batches (same names, same order everywhere)
+            if name in self._grads:
+                all_reduce_sum(self._grads[name])
+
     def end_pass(self, p: CalibrationPass) -> None:
         if not self._grads:
             raise RuntimeError("LLM-Pruner saw no gradient: its calibration pass must run backward")

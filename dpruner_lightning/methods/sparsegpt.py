@@ -7,6 +7,10 @@ OBS weight updates with lazy batching, and per-``block_size``-column adaptive ma
 
 Unlike the score-based methods, SparseGPT changes the kept weights too, so it defines no
 :meth:`scores` (and saves no importance artifact).
+
+One process only (``multi_process = False``): the sequential algorithm replays the calibration batches
+itself, so under DDP each rank would prune with its own share of them; the calibration pass refuses
+to start on several processes (``NotImplementedError``) rather than give per-rank masks.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ _UNSTRUCTURED = ("layer", "block")
 class SparseGPT(PruningMethod):
     name = "sparsegpt"
     default_granularity = "block"
+    multi_process = False
 
     def __init__(self, source: Literal["general", "domain"] = "domain", damp: float = 0.01) -> None:
         """

@@ -32,6 +32,9 @@ class Wanda(PruningMethod):
         self._stats = InputStatistics(self.targets, kind="sq_norm")
         self._stats.attach()
 
+    def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum) -> None:
+        self._stats.all_reduce_(all_reduce_sum)  # input norms of all ranks' tokens
+
     def end_pass(self, p: CalibrationPass) -> None:
         self._stats.detach()
         self.norms = {n: self._stats.sq_norm(n).sqrt() for n in self.targets}
