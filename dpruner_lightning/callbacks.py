@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 
 from .algorithms.masks import check_realised, expected_tolerance, mask_sparsity, realised_sparsity
-from .export import atomic_write_json, export_hf_folder, save_tensors
+from .export import atomic_write_json, export_hf_folder, save_sparse_model, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,9 @@ def _save_artifacts(trainer: L.Trainer, pl_module, masks) -> None:
     if spec.export_model:
         export_hf_folder(pl_module.model, pl_module.tokenizer, out / "pruned_model")
         pl_module.summary["pruned_model"] = str(out / "pruned_model")
+    if spec.export_sparse and masks:
+        save_sparse_model(pl_module.model, list(pl_module.targets), pl_module.tokenizer, out / "sparse_model")
+        pl_module.summary["sparse_model"] = str(out / "sparse_model")
 
 
 class RunSummary(L.Callback):

@@ -56,6 +56,11 @@ def test_pruned_folder_reloads_with_requested_sparsity(smoke_run):
         w = t.weight_view()
         assert abs(float((w == 0).float().mean()) - 0.5) < 1e-3, name
         assert torch.all(w[masks[name] == 0] == 0)
+    from dpruner_lightning.export import load_sparse_model
+
+    sparse = load_sparse_model(smoke_run / "sparse_model")
+    for a, b in zip(model.state_dict().values(), sparse.state_dict().values()):
+        assert torch.equal(a, b)
     importance = load_tensors(smoke_run / "general_importance.safetensors")
     mean = sum(float(v.sum()) for v in importance.values()) / sum(v.numel() for v in importance.values())
     assert abs(mean - 1.0) < 1e-4  # G is normalised to mean 1
