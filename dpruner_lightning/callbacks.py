@@ -21,6 +21,7 @@ masks; artifacts and ``summary.json`` are written by rank 0 only. Other multi-pr
 
 from __future__ import annotations
 
+import atexit
 import logging
 import resource
 import time
@@ -79,10 +80,30 @@ def all_reduce_sum(trainer: L.Trainer):
     return reduce_
 
 
+_EXIT_HOOK_REGISTERED = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Tear the process group down before the interpreter exits: left alive, gloo's worker threads can
+    be destroyed while joinable at exit ("terminate called without an active exception", SIGABRT),
+    which makes ``ddp_spawn`` report a failed worker after a successful run."""
+    global _EXIT_HOOK_REGISTERED
+    if _EXIT_HOOK_REGISTERED:
+        return
+    _EXIT_HOOK_REGISTERED = True
+
+    def destroy() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
+
+
 def check_multi_process(trainer: L.Trainer, pl_module) -> None:
     """Refuse the multi-process setups whose results would not equal one process."""
     if trainer.world_size <= 1:
         return
+    _destroy_process_group_at_exit()
     if not isinstance(trainer.strategy, DDPStrategy):
         raise NotImplementedError(
             f"calibration passes on {trainer.world_size} processes support Lightning's DDP strategies only "
