@@ -189,6 +189,15 @@ class DPruner:
         trainer.validate(self.module, self._data(eval_domain=test_texts, batch_size=batch_size), verbose=False)
         return self.module.perplexities[self.module.stage]["domain"]
 
+    def evaluate_task(self, task, max_length: Optional[int] = None) -> dict:
+        """Multiple-choice accuracy of the current weights on a domain task (see :mod:`evaluation`:
+        ``pubmedqa(records)``, ``casehold(records)`` or your own ``MultipleChoiceTask``)."""
+        from .evaluation import evaluate_multiple_choice
+
+        self.module.configure_model()
+        return evaluate_multiple_choice(self.module.model, self.module.tokenizer, task,
+                                        max_length=max_length or max(self.config.max_length, 512))
+
     def save_pruned_model(self, path: str) -> Path:
         """An HF folder (``from_pretrained`` loads it) plus ``masks.safetensors`` and ``summary.json``."""
         if not self.module.pruned:

@@ -52,6 +52,13 @@ def test_step_by_step_api_on_tiny_model(tmp_path):
     dual = pruner.step2_compute_dual_importance(paragraphs("domain.txt")[:8])
     assert all(float(s.sum()) > 0 for s in dual.values())
     dense_ppl = pruner.evaluate_perplexity(paragraphs("domain.txt")[8:])
+    from dpruner_lightning.evaluation import pubmedqa
+
+    records = [{"question": "Is aspirin an anticoagulant?", "context": {"contexts": ["Aspirin inhibits platelets."]},
+                "final_decision": "no"}, {"question": "Does sepsis need antibiotics?", "context": "Guidelines say so.",
+                                          "final_decision": "yes"}]
+    task_result = pruner.evaluate_task(pubmedqa(records))
+    assert task_result["n"] == 2 and 0.0 <= task_result["accuracy"] <= 1.0
     masks = pruner.step3_prune_model(0.5)
     pruned_ppl = pruner.evaluate_perplexity(paragraphs("domain.txt")[8:])
     assert dense_ppl > 1 and pruned_ppl > 1 and dense_ppl != pruned_ppl

@@ -1,0 +1,167 @@
+"""Multiple-choice task accuracy: scores against a naive per-choice computation, rigged accuracies, errors, factories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dpruner_lightning.data import TextSource
+from dpruner_lightning.evaluation import (MultipleChoiceTask, casehold, evaluate_multiple_choice, pubmedqa,
+                                          score_choices)
+from dpruner_lightning.models import byte_tokenizer
+
+from .conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def naive_score(model, tok, context: str, cont: str, max_length: int = 512) -> float:
+    """One forward per context + choice; sum of log_softmax at the continuation positions."""
+    ctx_ids = tok(context, add_special_tokens=True)["input_ids"]
+    cont_ids = tok(cont, add_special_tokens=False)["input_ids"]
+    full = (ctx_ids + cont_ids)[-(max_length + 1):]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([full[:-1]])).logits[0].float(), -1)
+    n = len(cont_ids)
+    start = len(full) - 1 - n
+    return sum(logp[start + j, cont_ids[j]].item() for j in range(n))
+
+
+RECORDS = [
+    {"q": "Is the sky blue?", "opts": ["yes", "no", "maybe so"]},
+    {"q": "Two plus two", "opts": ["four", "five", "twenty-two"]},
+    {"q": "Capital of France", "opts": ["Paris", "Rome", "Berlin"]},
+    {"q": "Water boils at", "opts": ["100 C", "50 C", "0 C"]},
+    {"q": "Cats are", "opts": ["mammals", "birds", "fish"]},
+    {"q": "The sun is a", "opts": ["star", "planet", "moon"]},
+]
+PROMPT = "Q: {q}\nA:"
+
+
+def _naive_all(model, tok, records=RECORDS):
+    return [[naive_score(model, tok, PROMPT.format(**r), " " + o) for o in r["opts"]] for r in records]
+
+
+def _argmax(xs):
+    return max(range(len(xs)), key=xs.__getitem__)
+
+
+def test_scores_match_naive(model, tok):
+    for r in RECORDS[:3]:
+        ctx, conts = PROMPT.format(**r), [" " + o for o in r["opts"]]
+        batched = score_choices(model, tok, ctx, conts)
+        for (s, n), c in zip(batched, conts):
+            assert n == len(tok(c, add_special_tokens=False)["input_ids"])
+            assert s == pytest.approx(naive_score(model, tok, ctx, c), abs=1e-4)
+
+
+def test_left_truncation_matches_naive(model, tok):
+    ctx, conts = "a fairly long context " * 4, [" x", " yz"]
+    for (s, _), c in zip(score_choices(model, tok, ctx, conts, max_length=16), conts):
+        assert s == pytest.approx(naive_score(model, tok, ctx, c, max_length=16), abs=1e-4)
+
+
+def test_accuracy_on_hand_made_records(model, tok):
+    naive = _naive_all(model, tok)
+    # Records 0, 2, 5 labelled with the naive argmax (right), the others with another choice (wrong).
+    records = []
+    for i, (r, s) in enumerate(zip(RECORDS, naive)):
+        best = _argmax(s)
+        label = best if i in (0, 2, 5) else (best + 1) % 3
+        # mix label kinds: int index and choice string
+        records.append({**r, "answer": label if i % 2 else r["opts"][label]})
+    task = MultipleChoiceTask("toy", records, PROMPT, "opts", "answer", normalize=False)
+    out = evaluate_multiple_choice(model, tok, task, return_details=True)
+    assert out["n"] == 6 and out["accuracy"] == pytest.approx(3 / 6)
+    assert out["score"] == out["accuracy"]
+    for d, s in zip(out["details"], naive):
+        assert d["scores"] == pytest.approx(s, abs=1e-4)
+
+
+def test_rigged_right_and_wrong(model, tok):
+    naive = _naive_all(model, tok)
+    right = [{**r, "y": _argmax(s)} for r, s in zip(RECORDS, naive)]
+    wrong = [{**r, "y": min(range(3), key=s.__getitem__)} for r, s in zip(RECORDS, naive)]
+    norm_right = [{**r, "y": _argmax([x / len(tok(" " + o)["input_ids"]) for x, o in zip(s, r["opts"])])}
+                  for r, s in zip(RECORDS, naive)]
+    assert evaluate_multiple_choice(model, tok, MultipleChoiceTask("r", right, PROMPT, "opts", "y"))["accuracy"] == 1.0
+    assert evaluate_multiple_choice(model, tok, MultipleChoiceTask("w", wrong, PROMPT, "opts", "y"))["accuracy"] == 0.0
+    out = evaluate_multiple_choice(model, tok, MultipleChoiceTask("n", norm_right, PROMPT, "opts", "y"))
+    assert out["accuracy_norm"] == 1.0 and out["score"] == 1.0
+
+
+def test_length_normalisation(model, tok):
+    records = [{"q": "Say it", "y": 0}]
+    task = MultipleChoiceTask("len", records, PROMPT, [" hello", " hello hello"], "y")
+    out = evaluate_multiple_choice(model, tok, task, return_details=True)
+    (d,) = out["details"]
+    assert d["n_tokens"] == [6, 12]
+    raw, norm = d["scores"], [s / n for s, n in zip(d["scores"], d["n_tokens"])]
+    assert raw[1] < raw[0]  # more tokens: lower total log-likelihood
+    assert out["accuracy"] == float(_argmax(raw) == 0) and out["accuracy_norm"] == float(_argmax(norm) == 0)
+
+
+def test_restores_training_mode(model, tok):
+    model.train()
+    try:
+        evaluate_multiple_choice(model, tok, MultipleChoiceTask("t", [{**RECORDS[0], "l": 0}], PROMPT, "opts", "l"))
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_errors(model, tok):
+    with pytest.raises(ValueError, match="no records"):
+        evaluate_multiple_choice(model, tok, MultipleChoiceTask("e", [], PROMPT, "opts", "l"))
+    with pytest.raises(ValueError, match="out of range"):
+        MultipleChoiceTask("e", [{**RECORDS[0], "l": 3}], PROMPT, "opts", "l").instances()
+    with pytest.raises(ValueError, match="not among the choices"):
+        MultipleChoiceTask("e", [{**RECORDS[0], "l": "banana"}], PROMPT, "opts", "l").instances()
+    with pytest.raises(ValueError, match=r"'question'.*fields: \['l', 'opts', 'q'\]"):
+        MultipleChoiceTask("e", [{**RECORDS[0], "l": 0}], "{question}", "opts", "l").instances()
+    with pytest.raises(ValueError, match="choice template field 'b'"):
+        MultipleChoiceTask("e", [{**RECORDS[0], "l": 0}], PROMPT, [" {q}", " {b}"], "l").instances()
+    with pytest.raises(ValueError, match="label field 'answer'"):
+        MultipleChoiceTask("e", [RECORDS[0]], PROMPT, "opts", "answer").instances()
+    with pytest.raises(ValueError, match="choices field 'options'"):
+        MultipleChoiceTask("e", [{**RECORDS[0], "l": 0}], PROMPT, "options", "l").instances()
+
+
+def test_pubmedqa_factory():
+    rec = {"pubid": 1, "question": "Does X cause Y?",
+           "context": {"contexts": ["First part.", "Second part."], "labels": ["A", "B"], "meshes": []},
+           "long_answer": "...", "final_decision": "maybe"}
+    ((ctx, conts, label),) = pubmedqa([rec]).instances()
+    assert ctx == "Question: Does X cause Y?\nContext: First part. Second part.\nAnswer:"
+    assert conts == [" yes", " no", " maybe"] and label == 2
+    assert rec["context"]["contexts"] == ["First part.", "Second part."]  # input records untouched
+    ((ctx, _, label),) = pubmedqa([{**rec, "context": "Plain.", "final_decision": "no"}]).instances()
+    assert ctx.endswith("Context: Plain.\nAnswer:") and label == 1
+
+
+def test_casehold_factory():
+    rec = {"example_id": 0, "citing_prompt": "Smith v. Jones (<HOLDING>)",
+           **{f"holding_{i}": f"holding {i}" for i in range(5)}, "label": 3}
+    task = casehold([rec, {**rec, "label": "1"}])
+    (ctx, conts, label), (_, _, label2) = task.instances()
+    assert ctx == "Smith v. Jones (<HOLDING>)"
+    assert conts == [f" holding {i}" for i in range(5)] and label == 3 and label2 == 1
+
+
+def test_from_local_jsonl(tmp_path, model, tok):
+    path = tmp_path / "recs.jsonl"
+    path.write_text("\n".join(json.dumps({**r, "l": 0}) for r in RECORDS[:2]) + "\n")
+    task = MultipleChoiceTask.from_source("file", TextSource(path=str(path)), PROMPT, "opts", "l")
+    assert len(task.records) == 2
+    out = evaluate_multiple_choice(model, tok, task)
+    assert out["n"] == 2 and 0.0 <= out["accuracy"] <= 1.0
