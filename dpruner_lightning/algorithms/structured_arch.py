@@ -40,17 +40,17 @@ class ArchitectureAdapter:
     model_types: tuple[str, ...]
     layout: str
     attn: str  #: the attention module (its attributes are updated)
-    q: str | None  #: separate layout only
-    k: str | None
-    v: str | None
-    qkv: str | None  #: fused layouts only
     o: str
-    mlp: str  #: the module holding the MLP attributes ("" = the block itself, as in OPT)
     mlp_in: tuple[str, ...]
     mlp_out: str
     ffn_key: str  #: config key of the intermediate size
-    has_kv_heads: bool  #: config has ``num_key_value_heads`` (GQA possible)
-    config_expresses_heads: bool  #: attention width comes from ``config.head_dim`` (reload works)
+    q: str | None = None  #: separate layout only
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None  #: fused layouts only
+    mlp: str = "mlp"  #: the module holding the MLP attributes ("" = the block itself, as in OPT)
+    has_kv_heads: bool = False  #: config has ``num_key_value_heads`` (GQA possible)
+    config_expresses_heads: bool = False  #: attention width comes from ``config.head_dim`` (reload works)
     attn_attrs: tuple[tuple[str, str], ...] = ()
     mlp_attrs: tuple[tuple[str, str], ...] = ()
 
@@ -71,16 +71,13 @@ _LLAMA = ArchitectureAdapter(
     q="self_attn.q_proj",
     k="self_attn.k_proj",
     v="self_attn.v_proj",
-    qkv=None,
     o="self_attn.o_proj",
-    mlp="mlp",
     mlp_in=("mlp.gate_proj", "mlp.up_proj"),
     mlp_out="mlp.down_proj",
     ffn_key="intermediate_size",
     has_kv_heads=True,
     config_expresses_heads=True,
     # The forward reads head_dim (unchanged) and num_key_value_groups (unchanged: whole KV groups go).
-    attn_attrs=(),
     mlp_attrs=(("intermediate_size", "channels"),),
 )
 _OPT = ArchitectureAdapter(
@@ -91,14 +88,11 @@ _OPT = ArchitectureAdapter(
     q="self_attn.q_proj",
     k="self_attn.k_proj",
     v="self_attn.v_proj",
-    qkv=None,
     o="self_attn.out_proj",
     mlp="",
     mlp_in=("fc1",),
     mlp_out="fc2",
     ffn_key="ffn_dim",
-    has_kv_heads=False,
-    config_expresses_heads=False,
     attn_attrs=(("num_heads", "heads"),),  # OPTAttention.forward: view(bsz, -1, num_heads, head_dim)
 )
 _GPT2 = ArchitectureAdapter(
@@ -106,17 +100,11 @@ _GPT2 = ArchitectureAdapter(
     model_types=("gpt2",),
     layout="fused_blocks",
     attn="attn",
-    q=None,
-    k=None,
-    v=None,
     qkv="attn.c_attn",
     o="attn.c_proj",
-    mlp="mlp",
     mlp_in=("mlp.c_fc",),
     mlp_out="mlp.c_proj",
     ffn_key="n_inner",
-    has_kv_heads=False,
-    config_expresses_heads=False,
     # GPT2Attention.forward: c_attn(x).split(split_size); num_heads kept in sync for readers.
     attn_attrs=(("num_heads", "heads"), ("split_size", "width")),
 )
@@ -125,18 +113,12 @@ _NEOX = ArchitectureAdapter(
     model_types=("gpt_neox",),
     layout="fused_interleaved",
     attn="attention",
-    q=None,
-    k=None,
-    v=None,
     qkv="attention.query_key_value",
     o="attention.dense",
-    mlp="mlp",
     mlp_in=("mlp.dense_h_to_4h",),
     mlp_out="mlp.dense_4h_to_h",
     ffn_key="intermediate_size",
-    has_kv_heads=False,
-    config_expresses_heads=False,
-    attn_attrs=(),  # GPTNeoXAttention.forward only reads head_size (unchanged); heads are "-1"
+    # GPTNeoXAttention.forward only reads head_size (unchanged); heads are "-1".
 )
 
 #: model_type -> adapter.
