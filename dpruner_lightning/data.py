@@ -100,19 +100,49 @@ def _local_files(pattern: str) -> list[Path]:
     return files
 
 
-def _file_documents(path: Path, source: TextSource) -> list[str]:
+def _file_records(path: Path) -> list[dict]:
+    """Records of one jsonl / json / parquet / csv file."""
     kind = _FILE_KINDS.get(path.suffix)
-    if kind is None:
-        raise ValueError(f"unsupported file type {path.suffix!r} ({path}); use one of {sorted(_FILE_KINDS)}")
-    if kind == "text":
-        return [para.strip() for para in path.read_text(encoding="utf-8").split("\n\n")]
-    if kind == "json" and path.suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [_record_text(json.loads(line), source) for line in lines if line.strip()]
+    if kind is None or kind == "text":
+        raise ValueError(f"unsupported record file {path} (use jsonl, json, parquet or csv)")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     import datasets  # parquet, csv, json arrays
 
-    ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    return [_record_text(r, source) for r in ds]
+    return list(datasets.load_dataset(kind, data_files=str(path), split="train"))
+
+
+def _hub_records(source: TextSource) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source.dataset, source.subset, data_files=source.data_files, split=source.split)
+    except Exception as err:  # datasets raises many types for "not reachable"
+        raise RuntimeError(
+            f"could not load dataset {source.describe()}: {err}\nWithout hub access, pass local files "
+            "(path: ...) or a built-in sample (sample: wikipedia | pubmed | legal)."
+        ) from err
+    if source.max_documents:
+        ds = ds.select(range(min(len(ds), source.max_documents)))
+    return list(ds)
+
+
+def load_records(source: TextSource) -> list[dict]:
+    """Records (dicts) of a local record file / directory / glob or a hub dataset, capped at
+    ``max_documents`` (task evaluation reads these; calibration turns them into text)."""
+    if source.path:
+        records = [r for f in _local_files(source.path) for r in _file_records(f)]
+    elif source.dataset:
+        records = _hub_records(source)
+    else:
+        raise ValueError(f"{source.describe()} has no records: give a path (jsonl/json/parquet/csv) or a hub dataset")
+    return records[: source.max_documents] if source.max_documents else records
+
+
+def _file_documents(path: Path, source: TextSource) -> list[str]:
+    if _FILE_KINDS.get(path.suffix) == "text":
+        return [para.strip() for para in path.read_text(encoding="utf-8").split("\n\n")]
+    return [_record_text(r, source) for r in _file_records(path)]
 
 
 def load_documents(source: TextSource) -> list[str]:
@@ -136,24 +166,16 @@ def load_documents(source: TextSource) -> list[str]:
 
 
 def _hub_documents(source: TextSource) -> list[str]:
-    import datasets
-
     try:
-        ds = datasets.load_dataset(source.dataset, source.subset, data_files=source.data_files, split=source.split)
-    except Exception as err:  # datasets raises many types for "not reachable"
-        if source.fallback_sample:
-            from .assets import sample_corpus
+        records = _hub_records(source)
+    except RuntimeError as err:
+        if not source.fallback_sample:
+            raise
+        from .assets import sample_corpus
 
-            log.warning("could not load dataset %s (%s): using the built-in %r sample instead",
-                        source.describe(), type(err).__name__, source.fallback_sample)
-            return sample_corpus(source.fallback_sample)
-        raise RuntimeError(
-            f"could not load dataset {source.describe()}: {err}\nWithout hub access, pass local files "
-            "(path: ...) or a built-in sample (sample: wikipedia | pubmed | legal)."
-        ) from err
-    if source.max_documents:
-        ds = ds.select(range(min(len(ds), source.max_documents)))
-    return [_record_text(r, source) for r in ds]
+        log.warning("%s: using the built-in %r sample instead", str(err).splitlines()[0], source.fallback_sample)
+        return sample_corpus(source.fallback_sample)
+    return [_record_text(r, source) for r in records]
 
 
 def split_by_document(docs: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -12,13 +12,12 @@ score per continuation token. The choices of one record run as one right-padded 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
 
-from .data import _FILE_KINDS, TextSource, _local_files
+from .data import TextSource, load_records
 
 
 def _format(template: str, record: dict, task: str, what: str) -> str:
@@ -84,38 +83,6 @@ class MultipleChoiceTask:
         if not 0 <= value < len(conts):
             raise ValueError(f"task {self.name!r}: label {value} of record {i} is out of range for {len(conts)} choices")
         return value
-
-
-def load_records(source: TextSource) -> list[dict]:
-    """Records (dicts) of a local file/dir/glob or a hub dataset; ``max_documents`` caps their number."""
-    if source.texts is not None or source.sample is not None:
-        raise ValueError("a multiple-choice task needs records: give a path (jsonl/json/parquet/csv) or a hub dataset")
-    records: list[dict] = []
-    if source.path:
-        for f in _local_files(source.path):
-            kind = _FILE_KINDS.get(f.suffix)
-            if f.suffix == ".jsonl":
-                records += [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-            elif f.suffix == ".json" and isinstance(data := json.loads(f.read_text(encoding="utf-8")), list):
-                records += data
-            elif kind in ("json", "parquet", "csv"):
-                import datasets
-
-                records += list(datasets.load_dataset(kind, data_files=str(f), split="train"))
-            else:
-                raise ValueError(f"unsupported record file {f} (use jsonl, json, parquet or csv)")
-    else:
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(source.dataset, source.subset, data_files=source.data_files, split=source.split)
-        except Exception as err:  # datasets raises many types for "not reachable"
-            raise RuntimeError(f"could not load dataset {source.describe()}: {err}\nWithout hub access, pass local "
-                               "files (path: ...).") from err
-        if source.max_documents:
-            ds = ds.select(range(min(len(ds), source.max_documents)))
-        records = list(ds)
-    return records[: source.max_documents] if source.max_documents else records
 
 
 def _pubmedqa_record(record: dict) -> dict:

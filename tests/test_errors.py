@@ -115,3 +115,20 @@ def test_failed_export_keeps_the_earlier_folder(tmp_path):
         export_hf_folder(Broken(), None, folder)
     assert sorted(p.name for p in folder.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["pruned_model"]  # no temp folder left behind
+
+
+def test_unreachable_hub_dataset_falls_back_to_the_sample_or_says_what_to_do(monkeypatch, caplog):
+    import datasets
+
+    from dpruner_lightning.data import load_documents
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("dpruner_lightning.assets.sample_corpus", lambda name: [f"{name} document"])
+    with caplog.at_level("WARNING"):
+        docs = load_documents(TextSource(dataset="org/data", fallback_sample="pubmed"))
+    assert docs == ["pubmed document"] and "using the built-in 'pubmed' sample" in caplog.text
+    with pytest.raises(RuntimeError, match=r"(?s)could not load dataset org/data.*Without hub access"):
+        load_documents(TextSource(dataset="org/data"))
