@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from .algorithms.masks import check_realised, expected_tolerance, mask_sparsity, realised_sparsity
+from .algorithms.masks import check_realised, mask_sparsity, realised_sparsity
 from .export import atomic_write_json, export_hf_folder, save_sparse_model, save_tensors
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def check_multi_process(trainer: L.Trainer, pl_module) -> None:
             f"(strategy='ddp' or 'ddp_spawn'), not {type(trainer.strategy).__name__}"
         )
     method = pl_module.method
-    if not getattr(method, "multi_process", True):
+    if not method.multi_process:
         raise NotImplementedError(
             f"{method.name} cannot run on several processes (it replays the calibration batches itself, each "
             f"rank would prune with its own share of them): run it on one device (trainer.devices=1)"
@@ -148,7 +148,7 @@ class CalibrationPassCallback(L.Callback):
             pl_module.method.start_pass(pl_module.current_pass)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
-        if trainer.training or trainer.state.fn == "fit":
+        if trainer.state.fn == "fit":
             self._v0 = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -174,7 +174,9 @@ class CalibrationPassCallback(L.Callback):
         writer = tensorboard(trainer)
         if writer is not None:
             writer.add_scalar(f"time/{p.name}_seconds", seconds, trainer.global_step)
-            artifacts = {k: v for k, v in pl_module.method.artifacts().items() if v}
+            # Only the groups this pass produced: earlier passes' tensors were drawn when they ended.
+            artifacts = {k: v for k, v in pl_module.method.artifacts().items() if v and k not in pl_module.histograms_logged}
+            pl_module.histograms_logged.update(artifacts)
             for group, tensors in artifacts.items():
                 for i, (name, t) in enumerate(tensors.items()):
                     writer.add_histogram(f"{group}/{name}", subsample(t, pl_module.output.histogram_samples, i), trainer.current_epoch)
@@ -207,7 +209,7 @@ def finalize_pruning(trainer: L.Trainer, pl_module) -> None:
     report = realised_sparsity(pl_module.model, weights)
     spec, method = pl_module.mask_spec, pl_module.method
     granularity = spec.resolved_granularity(method.default_granularity)
-    structured = bool(getattr(method, "structured", False))
+    structured = method.structured
     if structured:  # shapes shrank: "sparsity" = fraction of the original parameters removed
         report = structured_report(report, pl_module)
         granularity = "structured"
@@ -228,7 +230,7 @@ def finalize_pruning(trainer: L.Trainer, pl_module) -> None:
                     "targets_dense": dense.get("targets"), "all_dense": dense.get("all")},
     )
     if structured:
-        pl_module.summary["structured"] = dict(getattr(method, "plan_summary", {}),
+        pl_module.summary["structured"] = dict(method.plan_summary,
                                                reload="dpruner_lightning.algorithms.structured.load_structured_pruned")
     writer = tensorboard(trainer) if trainer is not None else None
     if writer is not None:
@@ -250,7 +252,7 @@ def finalize_pruning(trainer: L.Trainer, pl_module) -> None:
 def _check_request(report, requested, shapes, spec, granularity, method) -> None:
     target = spec.target_sparsity(method.default_granularity)
     # A method whose selection rounds differently (SparseGPT floors per column block) says how much.
-    tolerance = getattr(method, "tolerance", None) or expected_tolerance
+    tolerance = method.tolerance
     if spec.allocation == "uniform" and granularity != "global":
         off = {n: s for n, s in requested.items() if abs(s - target) > tolerance(shapes[n], granularity, spec.block_size)}
         if off:

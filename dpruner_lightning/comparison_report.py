@@ -90,7 +90,7 @@ def release_memory() -> None:
 def compression_ratio(module) -> float:
     """Dense bytes / bytes of a storage exploiting the pruning (formula in the module docstring)."""
     params = list(module.model.parameters())
-    if getattr(module.method, "structured", False):
+    if module.method.structured:
         return module.dense_parameters["all"] / max(1, sum(p.numel() for p in params))
     if not module.pruned:
         return 1.0

@@ -63,9 +63,7 @@ class DPrunerModule(L.LightningModule):
         check_model_source(model)  # fail before the datamodule tokenises anything
         self.model_spec = model
         self.method = method if method is not None else DPrunerMethod()
-        check_spec = getattr(self.method, "check_mask_spec", None)
-        if check_spec is not None:  # methods that honour only some mask settings reject the rest now
-            check_spec(mask)
+        self.method.check_mask_spec(mask)  # methods that honour only some mask settings reject the rest now
         self.mask_spec = mask
         self.target_spec = targets
         self.output = output
@@ -81,6 +79,7 @@ class DPrunerModule(L.LightningModule):
         self.masks: dict[str, torch.Tensor] = {}
         self.perplexities: dict[str, dict[str, float]] = {}
         self.phase_seconds: dict[str, float] = {}
+        self.histograms_logged: set[str] = set()  # artifact groups already drawn in TensorBoard
         self.summary: dict = {}
         #: Parameter counts of the model as loaded (structured methods shrink it: sparsity is reported
         #: against these), and the ``out x in`` shape of every target.

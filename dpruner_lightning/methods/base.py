@@ -22,7 +22,7 @@ from typing import Callable, Literal, Mapping, Optional
 import torch
 from torch import nn
 
-from ..algorithms.masks import apply_mask_, choose_masks
+from ..algorithms.masks import apply_mask_, choose_masks, expected_tolerance
 from ..algorithms.targets import Target, block_index, find_decoder_blocks
 from ..config import MaskSpec
 
@@ -58,9 +58,20 @@ class PruningMethod:
     max_grad_norm: Optional[float] = None
     #: Whether the method can run its passes on several processes (see :meth:`reduce_across_ranks`).
     multi_process: bool = True
+    #: Structured methods remove whole rows/columns (shapes shrink) and return no masks from prune().
+    structured: bool = False
 
     def __init__(self) -> None:
         self.targets: dict[str, Target] = {}
+        #: What a structured prune did (reported in summary.json).
+        self.plan_summary: dict = {}
+
+    def check_mask_spec(self, spec: MaskSpec) -> None:
+        """Reject mask settings the method cannot honour; called when the module is built (before compute)."""
+
+    def tolerance(self, shape: tuple[int, int], granularity: str, block_size: int) -> float:
+        """Largest allowed gap between a matrix's mask sparsity and the request (rounding of the selection)."""
+        return expected_tolerance(shape, granularity, block_size)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def passes(self) -> list[CalibrationPass]:

@@ -58,7 +58,6 @@ class LLMPruner(PruningMethod):
             raise ValueError("LLM-Pruner needs attention=True or mlp=True (otherwise nothing can be removed)")
         self.source, self.attention, self.mlp = source, attention, mlp
         self.importance: dict[int, dict[str, torch.Tensor]] = {}
-        self.plan_summary: dict = {}
         self._grads: dict[str, torch.Tensor] = {}
         self._names: list[str] = []
 
