@@ -128,11 +128,12 @@ def _accelerator(device: str) -> tuple[str, Any]:
 class DPruner:
     """Step-by-step D-PRUNER: general importance, dual importance, pruning, evaluation, export."""
 
-    def __init__(self, model_name: str = "smollm2-135m", device: str = "auto", lambda_reg: float = 0.1,
-                 alpha: float = 3e-4, *, config: Optional[DPrunerConfig] = None, output_dir: str = "runs/api") -> None:
+    def __init__(self, model_name: Optional[str] = None, device: Optional[str] = None, lambda_reg: Optional[float] = None,
+                 alpha: Optional[float] = None, *, config: Optional[DPrunerConfig] = None, output_dir: str = "runs/api") -> None:
+        """Positional arguments as in the brief; any left out come from ``config`` (default: ``DPrunerConfig()``)."""
         quiet_known_warnings()
-        base = config or DPrunerConfig()
-        self.config = dataclasses.replace(base, model_name=model_name, device=device, lambda_reg=lambda_reg, alpha=alpha)
+        given = dict(model_name=model_name, device=device, lambda_reg=lambda_reg, alpha=alpha)
+        self.config = dataclasses.replace(config or DPrunerConfig(), **{k: v for k, v in given.items() if v is not None})
         cfg = self.config
         method = DPrunerMethod(general_estimator=cfg.general_estimator, lambda_reg=cfg.lambda_reg, alpha=cfg.alpha,
                                dual_epochs=cfg.num_epochs)

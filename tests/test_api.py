@@ -70,3 +70,12 @@ def test_step_by_step_api_on_tiny_model(tmp_path):
     w = reloaded.model.layers[0].mlp.up_proj.weight
     assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
     assert torch.equal(w, pruner.model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_dpruner_takes_what_is_not_given_from_the_config(tmp_path):
+    cfg = DPrunerConfig.for_domain("legal", model_name="random:llama", tokenizer="bytes", model_overrides=TINY["llama"])
+    pruner = DPruner(config=cfg, output_dir=str(tmp_path))
+    assert (pruner.config.model_name, pruner.config.lambda_reg) == ("random:llama", 0.001)
+    pruner = DPruner("random:llama", "cpu", 0.5, config=cfg, output_dir=str(tmp_path))
+    assert (pruner.config.device, pruner.config.lambda_reg, pruner.config.alpha) == ("cpu", 0.5, 3e-4)
+    assert pruner.module.method.lambda_reg == 0.5
