@@ -20,6 +20,7 @@ import time
 import lightning as L
 import torch
 
+from dpruner_lightning.algorithms.targets import find_targets
 from dpruner_lightning.cli import quiet_known_warnings
 from dpruner_lightning.config import ModelSpec, OutputSpec
 from dpruner_lightning.data import CalibrationDataModule
@@ -34,10 +35,6 @@ MID_LLAMA = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, n
 def bare_loop(spec: ModelSpec, blocks: torch.Tensor, batch_size: int, mode: str, lr: float) -> float:
     """Seconds of the plain loop: 'fb' forward+backward, 'fbs' + SGD step, 'f' forward only."""
     model = load_causal_lm(spec)
-    module = DPrunerModule(model=spec)
-    module.model = model
-    from dpruner_lightning.algorithms.targets import find_targets
-
     params = [t.weight for t in find_targets(model).values()]
     model.requires_grad_(False)
     for p in params:
@@ -81,7 +78,9 @@ def main() -> None:
     torch.manual_seed(0)
     overrides = MID_LLAMA if args.model == "random:llama" else {}
     spec = ModelSpec(name_or_path=args.model, tokenizer=args.tokenizer, config_overrides=overrides)
-    vocab = load_causal_lm(spec).config.vocab_size
+    probe = load_causal_lm(spec)
+    vocab, n_params = probe.config.vocab_size, sum(p.numel() for p in probe.parameters())
+    del probe
     general = torch.randint(0, vocab, (args.samples, args.seq_len))
     domain = torch.randint(0, vocab, (args.samples, args.seq_len))
     dm = CalibrationDataModule.from_token_blocks(general, domain, general[:1], domain[:1], batch_size=args.batch_size)
@@ -100,7 +99,7 @@ def main() -> None:
     rows.append(("dual pass (SGD)", min(r["dual"] for r in taylor), t_fbs, "forward+backward+SGD step"))
     rows.append(("dual pass vs fwd+bwd", min(r["dual"] for r in taylor), t_fb, "forward+backward"))
     tokens = args.samples * args.seq_len
-    print(f"model {args.model}, {sum(p.numel() for p in load_causal_lm(spec).parameters()) / 1e6:.1f}M params, "
+    print(f"model {args.model}, {n_params / 1e6:.1f}M params, "
           f"{args.samples} x {args.seq_len} tokens per pass, micro-batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}")
     print(f"{'pass':<24} {'ours s':>8} {'bare s':>8} {'ratio':>6}  baseline")
