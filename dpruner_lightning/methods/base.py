@@ -12,6 +12,13 @@ local (un-synchronised) gradients; before :meth:`end_pass` the Lightning layer c
 accumulators into global sums, so scores and masks are the same on every rank and equal to one
 process over all the batches. A method that accumulates anything must implement it; one that cannot
 run on several processes sets :attr:`multi_process` to False (the layer then refuses to start).
+
+Reconstruction. A mask method may also re-solve its kept weights after choosing the masks
+(``reconstruct``: ``obs`` or ``exact``, see :mod:`~dpruner_lightning.algorithms.reconstruct`), block
+by block on the outputs of the already reconstructed blocks, with the layer Hessians of the domain
+calibration set, the open-domain one, or the mix ``(1 - hessian_mix) H_domain + hessian_mix H_general``.
+The batches are gathered by extra ``collect`` passes (:meth:`batch_passes`); reconstruction runs on
+one process only.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import torch
 from torch import nn
 
 from ..algorithms.masks import apply_mask_, choose_masks, expected_tolerance
+from ..algorithms.reconstruct import check_solver, reconstruct_
+from ..algorithms.sequential import sequential_blockwise, weighted_sets
 from ..algorithms.targets import Target, block_index, find_decoder_blocks
 from ..config import MaskSpec
 
@@ -60,11 +69,30 @@ class PruningMethod:
     multi_process: bool = True
     #: Structured methods remove whole rows/columns (shapes shrink) and return no masks from prune().
     structured: bool = False
+    #: Solver re-fitting the kept weights after the masks (``none`` | ``obs`` | ``exact``).
+    reconstruct: str = "none"
+    #: Weight of the open-domain set in the reconstruction Hessian (0: domain only, 1: general only).
+    hessian_mix: float = 0.0
+    #: Dampening of the reconstruction Hessian, a fraction of mean(diag H).
+    damp: float = 0.01
 
     def __init__(self) -> None:
         self.targets: dict[str, Target] = {}
         #: What a structured prune did (reported in summary.json).
         self.plan_summary: dict = {}
+        #: Calibration ``input_ids`` by source, gathered by the ``collect`` passes.
+        self.batches: dict[str, list[torch.Tensor]] = {}
+
+    def configure_reconstruction(self, reconstruct: str = "none", hessian_mix: float = 0.0) -> None:
+        """Validate and set the reconstruction options (subclasses call it from ``__init__``)."""
+        check_solver(reconstruct)
+        if not 0.0 <= hessian_mix <= 1.0:
+            raise ValueError(f"hessian_mix must be in [0, 1] (the open-domain share of the Hessian); got {hessian_mix}")
+        if self.structured and reconstruct != "none":
+            raise ValueError(f"{self.name} removes whole structures: reconstruct must be 'none'")
+        self.reconstruct, self.hessian_mix = reconstruct, float(hessian_mix)
+        if self.needs_batches():
+            self.multi_process = False  # the sequential solve replays the batches of one process
 
     def check_mask_spec(self, spec: MaskSpec) -> None:
         """Reject mask settings the method cannot honour; called when the module is built (before compute)."""
@@ -75,7 +103,25 @@ class PruningMethod:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def passes(self) -> list[CalibrationPass]:
+        """Every pass of the method: its scoring passes, then the batch collection it needs."""
+        return self.scoring_passes() + self.batch_passes()
+
+    def scoring_passes(self) -> list[CalibrationPass]:
+        """The passes that compute the method's scores (override; default: one no-op pass)."""
         return [CalibrationPass("calibration", "general", "none")]
+
+    def needs_batches(self) -> bool:
+        """Whether :meth:`prune` replays calibration batches (sequential reconstruction)."""
+        return self.reconstruct != "none"
+
+    def batch_sources(self) -> list[str]:
+        """The calibration sets whose batches :meth:`prune` replays, given ``hessian_mix``."""
+        return [s for s, w in (("domain", 1.0 - self.hessian_mix), ("general", self.hessian_mix)) if w > 0]
+
+    def batch_passes(self) -> list[CalibrationPass]:
+        if not self.needs_batches():
+            return []
+        return [CalibrationPass(f"batches_{s}", s, "collect") for s in self.batch_sources()]
 
     def prepare(self, model: nn.Module, targets: Mapping[str, Target]) -> None:
         """Called once before the first pass, with the loaded model and its targets."""
@@ -83,7 +129,8 @@ class PruningMethod:
         self.targets = dict(targets)
 
     def start_pass(self, p: CalibrationPass) -> None:
-        pass
+        if p.mode == "collect":
+            self.batches[p.source] = []
 
     @torch.no_grad()
     def after_backward(self, p: CalibrationPass) -> dict[str, float | torch.Tensor]:
@@ -92,7 +139,14 @@ class PruningMethod:
         return {}
 
     def collect(self, p: CalibrationPass, input_ids: torch.Tensor) -> None:
-        pass
+        self.batches.setdefault(p.source, []).append(input_ids.detach())
+
+    def weighted_batches(self) -> list[tuple[list[torch.Tensor], float]]:
+        """The collected batches as ``(batches, weight)`` sets for the sequential solver."""
+        missing = [s for s in self.batch_sources() if not self.batches.get(s)]
+        if missing:
+            raise RuntimeError(f"{self.name} has no {' / '.join(missing)} calibration batches: run its collect passes first")
+        return weighted_sets(self.batches.get("domain", []), self.batches.get("general"), self.hessian_mix)
 
     def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum: AllReduceSum) -> None:
         """Several processes only: called once at the end of pass ``p``, before :meth:`end_pass`, on every
@@ -113,8 +167,19 @@ class PruningMethod:
 
     @torch.no_grad()
     def prune(self, spec: MaskSpec) -> dict[str, torch.Tensor]:
-        """Choose keep-masks from :meth:`scores` and zero the pruned weights; returns the masks."""
-        masks = choose_masks(
+        """Choose keep-masks from :meth:`scores` and zero the pruned weights (re-solving the kept ones
+        with ``reconstruct``); returns the masks."""
+        masks = self.choose_masks(spec)
+        if self.reconstruct == "none":
+            for name, keep in masks.items():
+                apply_mask_(self.targets[name].weight_view(), keep)
+        else:
+            self.reconstruct_kept(masks, spec.block_size)
+        return masks
+
+    def choose_masks(self, spec: MaskSpec) -> dict[str, torch.Tensor]:
+        """Keep-masks from :meth:`scores` under ``spec`` (granularity, allocation), weights untouched."""
+        return choose_masks(
             self.scores(),
             spec.target_sparsity(self.default_granularity),
             spec.resolved_granularity(self.default_granularity),
@@ -124,9 +189,15 @@ class PruningMethod:
             owl_m=spec.owl_m,
             owl_lambda=spec.owl_lambda,
         )
-        for name, keep in masks.items():
-            apply_mask_(self.targets[name].weight_view(), keep)
-        return masks
+
+    @torch.no_grad()
+    def reconstruct_kept(self, masks: Mapping[str, torch.Tensor], block_size: int = 128) -> None:
+        """Zero the pruned weights and re-solve the kept ones block by block (see the module docstring)."""
+        def solve(name: str, target: Target, H: torch.Tensor) -> torch.Tensor:
+            return reconstruct_(target.weight_view(), H, masks[name], self.reconstruct, self.damp, block_size)
+
+        sequential_blockwise(self.model, self.targets, self.weighted_batches(), solve)
+        self.batches = {}  # the calibration activations are no longer needed
 
     # -- helpers -----------------------------------------------------------------------------------
     def block_of(self) -> dict[str, int | None]:

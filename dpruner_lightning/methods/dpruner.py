@@ -7,6 +7,11 @@ every micro-batch (g: the regularised gradient, taken before clipping). Masks co
 applied to the original weights W0 (the fine-tuned weights are dropped unless
 ``keep_updated_weights``). Only target weights are updated; everything else stays frozen.
 
+Beyond the paper (off by default): ``reconstruct`` re-solves the kept weights for the chosen masks,
+block by block, on a domain / open-domain / mixed Hessian (see :mod:`..algorithms.reconstruct`), and
+``selection: sequential`` chooses the masks inside that solve, scoring each weight by SparseGPT's OBS
+saliency times a power of its dual importance.
+
 Stability. Explicit SGD on the quadratic regulariser multiplies ``W - W0`` by ``1 - 2*alpha*lambda*G``
 every step, which diverges wherever ``2*alpha*lambda*G > 2``. The OBS saliency is heavy-tailed (on
 SmolLM2-135M, normalised to mean 1, its maximum is ~5e7 against a median of 0.014), so with the
@@ -44,8 +49,11 @@ from ..algorithms.importance import (
     taylor_accumulate_,
     taylor_score,
 )
+from ..algorithms.masks import parse_granularity
+from ..algorithms.sparsegpt import sequential_sparsegpt
 from ..config import MaskSpec
 from .base import CalibrationPass, PruningMethod
+from .sparsegpt import check_sequential_mask_spec, sequential_tolerance
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,10 @@ class DPrunerMethod(PruningMethod):
         keep_updated_weights: bool = False,
         damp: float = 0.01,
         update: Literal["proximal", "sgd"] = "proximal",
+        reconstruct: Literal["none", "obs", "exact"] = "none",
+        hessian_mix: float = 0.0,
+        selection: Literal["score", "sequential"] = "score",
+        dual_exponent: float = 1.0,
     ) -> None:
         """
         Args:
@@ -76,6 +88,14 @@ class DPrunerMethod(PruningMethod):
             keep_updated_weights: apply the masks to the fine-tuned weights instead of the originals.
             damp: OBS dampening, a fraction of mean(diag H).
             update: ``proximal`` (the regulariser taken implicitly: stable for any G) or ``sgd`` (plain SGD).
+            reconstruct: after the masks, re-solve the kept weights block by block (``obs``: SparseGPT's
+                update for the given mask, ``exact``: per-row least squares); ``none`` is the paper.
+            hessian_mix: open-domain share of the reconstruction Hessian (0: domain only).
+            selection: ``score`` (the paper: masks from S by ``mask.granularity``) or ``sequential``
+                (masks chosen inside the block-by-block OBS solve, per 128-column block or N:M, by the
+                OBS saliency ``w^2/d^2`` times ``(S / mean S)^dual_exponent``; needs ``reconstruct``
+                ``obs`` (SparseGPT's update) or ``exact`` (then the exact least-squares kept weights)).
+            dual_exponent: weight of the dual importance in ``sequential`` selection (0: pure OBS).
         """
         super().__init__()
         if general_estimator not in ("taylor", "obs"):
@@ -97,16 +117,35 @@ class DPrunerMethod(PruningMethod):
         self.keep_updated_weights = keep_updated_weights
         self.damp = damp
         self.update = update
+        if selection not in ("score", "sequential"):
+            raise ValueError(f"selection must be 'score' or 'sequential'; got {selection!r}")
+        if selection == "sequential" and reconstruct == "none":
+            raise ValueError("selection 'sequential' chooses masks inside SparseGPT's OBS update: set reconstruct: obs (or exact)")
+        if dual_exponent < 0:
+            raise ValueError(f"dual_exponent must be >= 0; got {dual_exponent}")
+        self.selection, self.dual_exponent = selection, float(dual_exponent)
+        self.configure_reconstruction(reconstruct, hessian_mix)
         self.general: dict[str, torch.Tensor] = {}
         self.dual: dict[str, torch.Tensor] = {}
         self.general_scale: float | None = None
 
-    def passes(self) -> list[CalibrationPass]:
+    def check_mask_spec(self, spec: MaskSpec) -> None:
+        if self.selection == "sequential":
+            check_sequential_mask_spec(spec, self.default_granularity, "D-PRUNER with selection 'sequential'")
+
+    def tolerance(self, shape: tuple[int, int], granularity: str, block_size: int) -> float:
+        if self.selection == "sequential":
+            return sequential_tolerance(shape, granularity, block_size)
+        return super().tolerance(shape, granularity, block_size)
+
+    def scoring_passes(self) -> list[CalibrationPass]:
         mode = "backward" if self.general_estimator == "taylor" else "forward"
         return [CalibrationPass("general", "general", mode), CalibrationPass("dual", "domain", "sgd", self.dual_epochs)]
 
     def start_pass(self, p: CalibrationPass) -> None:
-        if p.name == "general":
+        if p.mode == "collect":
+            super().start_pass(p)
+        elif p.name == "general":
             if self.general_estimator == "taylor":
                 self._taylor = {n: TaylorState.zeros_like(t.weight_view()) for n, t in self.targets.items()}
             else:
@@ -196,10 +235,33 @@ class DPrunerMethod(PruningMethod):
             for name, t in self.targets.items():
                 t.weight_view().copy_(self.original[name])
         self.original = {}
-        return super().prune(spec)
+        if self.selection == "score":
+            return super().prune(spec)
+        kind, n, m = parse_granularity(spec.resolved_granularity(self.default_granularity))
+        masks = sequential_sparsegpt(
+            self.model, self.targets, [], spec.sparsity if kind != "n:m" else 0.0, prune_n=n, prune_m=m,
+            block_size=spec.block_size, damp=self.damp, sets=self.weighted_batches(), priors=self.dual_priors(),
+            exact=self.reconstruct == "exact",
+        )
+        self.batches = {}
+        return masks
+
+    def dual_priors(self) -> dict[str, torch.Tensor]:
+        """``(S / mean S)^dual_exponent`` per target (floored at 1e-6 of the mean), the factor of the
+        OBS saliency under ``selection: sequential``."""
+        out = {}
+        for name, s in self.scores().items():
+            rel = (s / s.mean().clamp_min(1e-30)).clamp_min(1e-6)
+            out[name] = rel.pow(self.dual_exponent)
+        return out
 
     def __repr__(self) -> str:
+        extra = ""
+        if self.reconstruct != "none":
+            extra = f", reconstruct={self.reconstruct!r}, hessian_mix={self.hessian_mix}, selection={self.selection!r}"
+            if self.selection == "sequential":
+                extra += f", dual_exponent={self.dual_exponent}"
         return (
             f"DPrunerMethod(general_estimator={self.general_estimator!r}, lambda_reg={self.lambda_reg}, "
-            f"alpha={self.alpha}, dual_epochs={self.dual_epochs}, update={self.update!r})"
+            f"alpha={self.alpha}, dual_epochs={self.dual_epochs}, update={self.update!r}{extra})"
         )

@@ -61,7 +61,7 @@ class LLMPruner(PruningMethod):
         self._grads: dict[str, torch.Tensor] = {}
         self._names: list[str] = []
 
-    def passes(self) -> list[CalibrationPass]:
+    def scoring_passes(self) -> list[CalibrationPass]:
         return [CalibrationPass("calibration", self.source, "backward")]
 
     def check_mask_spec(self, spec: MaskSpec) -> None:

@@ -1,9 +1,11 @@
 """SparseGPT (Frantar & Alistarh, 2023) behind the method interface.
 
-One ``collect`` pass keeps the calibration ``input_ids``; :meth:`SparseGPT.prune` then runs the faithful
+``collect`` passes keep the calibration ``input_ids``; :meth:`SparseGPT.prune` then runs the faithful
 sequential algorithm (:func:`~dpruner_lightning.algorithms.sparsegpt.sequential_sparsegpt`): decoder
 block after decoder block, each block's Hessians measured on the outputs of the already pruned blocks,
 OBS weight updates with lazy batching, and per-``block_size``-column adaptive masks (or N:M).
+The Hessians come from the domain set, the open-domain set, or their mix ``hessian_mix``
+(cross-calibration, Williams et al., arXiv:2502.18424).
 
 Unlike the score-based methods, SparseGPT changes the kept weights too, so it defines no
 :meth:`scores` (and saves no importance artifact).
@@ -15,7 +17,7 @@ to start on several processes (``NotImplementedError``) rather than give per-ran
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -29,16 +31,34 @@ from .base import CalibrationPass, PruningMethod
 _UNSTRUCTURED = ("layer", "block")
 
 
+def check_sequential_mask_spec(spec: MaskSpec, default_granularity: str, who: str = "SparseGPT") -> None:
+    """Masks chosen inside the sequential OBS solve: per-``block_size``-column blocks or N:M only."""
+    kind, _, _ = parse_granularity(spec.resolved_granularity(default_granularity))
+    if kind not in (*_UNSTRUCTURED, "n:m"):
+        raise ValueError(
+            f"{who} chooses its own adaptive masks per block of {spec.block_size} columns (or N:M): "
+            f"mask.granularity {spec.granularity!r} is not supported; use 'auto' or an N:M pattern such as '2:4'"
+        )
+    if spec.allocation != "uniform":
+        raise ValueError(f"{who} prunes every matrix at the same sparsity: allocation {spec.allocation!r} is not supported")
+
+
 class SparseGPT(PruningMethod):
     name = "sparsegpt"
     default_granularity = "block"
     multi_process = False
 
-    def __init__(self, source: Literal["general", "domain"] = "domain", damp: float = 0.01) -> None:
+    def __init__(self, source: Literal["general", "domain"] = "domain", damp: float = 0.01,
+                 hessian_mix: Optional[float] = None, reconstruct: Literal["obs", "exact"] = "obs") -> None:
         """
         Args:
-            source: which calibration set the Hessians are measured on (Wanda's default, ``domain``).
+            source: which calibration set the Hessians are measured on (Wanda's default, ``domain``);
+                ignored when ``hessian_mix`` is given.
             damp: Hessian dampening, a fraction of mean(diag H).
+            hessian_mix: open-domain share of the Hessians, ``(1 - mix) H_domain + mix H_general``;
+                default: 0 for ``source: domain``, 1 for ``source: general``.
+            reconstruct: ``obs`` (SparseGPT's own greedy update of the kept weights) or ``exact`` (its
+                masks, then the exact least-squares kept weights for them).
         """
         super().__init__()
         if source not in ("general", "domain"):
@@ -47,50 +67,48 @@ class SparseGPT(PruningMethod):
             raise ValueError(f"damp must be positive; got {damp}")
         self.source = source
         self.damp = damp
-        self.batches: list[torch.Tensor] = []
+        if reconstruct not in ("obs", "exact"):
+            raise ValueError(f"SparseGPT's reconstruct must be 'obs' (its own update) or 'exact'; got {reconstruct!r}")
+        mix = (1.0 if source == "general" else 0.0) if hessian_mix is None else hessian_mix
+        self.configure_reconstruction(reconstruct, mix)
 
-    def passes(self) -> list[CalibrationPass]:
-        return [CalibrationPass("calibration", self.source, "collect")]
+    def needs_batches(self) -> bool:
+        return True
+
+    def scoring_passes(self) -> list[CalibrationPass]:
+        return []  # everything happens in prune(), on the collected batches
 
     def check_mask_spec(self, spec: MaskSpec) -> None:
         """Reject mask settings SparseGPT cannot honour (called when the module is built)."""
-        kind, _, _ = parse_granularity(spec.resolved_granularity(self.default_granularity))
-        if kind not in (*_UNSTRUCTURED, "n:m"):
-            raise ValueError(
-                f"SparseGPT chooses its own adaptive masks per block of {spec.block_size} columns (or N:M): "
-                f"mask.granularity {spec.granularity!r} is not supported; use 'auto' or an N:M pattern such as '2:4'"
-            )
-        if spec.allocation != "uniform":
-            raise ValueError(f"SparseGPT prunes every matrix at the same sparsity: allocation {spec.allocation!r} is not supported")
-
-    def start_pass(self, p: CalibrationPass) -> None:
-        self.batches = []
-
-    def collect(self, p: CalibrationPass, input_ids: torch.Tensor) -> None:
-        self.batches.append(input_ids.detach())
+        check_sequential_mask_spec(spec, self.default_granularity)
 
     def artifacts(self) -> dict[str, dict[str, torch.Tensor]]:
         return {}
 
     def tolerance(self, shape: tuple[int, int], granularity: str, block_size: int) -> float:
-        """Largest realised-sparsity error of one matrix: each column block floors its count (< 1 entry)."""
-        kind, _, _ = parse_granularity(granularity)
-        if kind == "n:m":
-            return 1e-9
-        return -(-shape[1] // block_size) / (shape[0] * shape[1]) + 1e-9
+        return sequential_tolerance(shape, granularity, block_size)
 
     @torch.no_grad()
     def prune(self, spec: MaskSpec) -> dict[str, torch.Tensor]:
         self.check_mask_spec(spec)
-        if not self.batches:
-            raise RuntimeError("SparseGPT has no calibration batches: run its calibration pass first")
+        sets = self.weighted_batches()
         kind, n, m = parse_granularity(spec.resolved_granularity(self.default_granularity))
         masks = sequential_sparsegpt(
-            self.model, self.targets, self.batches, spec.sparsity if kind != "n:m" else 0.0,
-            prune_n=n, prune_m=m, block_size=spec.block_size, damp=self.damp,
+            self.model, self.targets, [], spec.sparsity if kind != "n:m" else 0.0,
+            prune_n=n, prune_m=m, block_size=spec.block_size, damp=self.damp, sets=sets,
+            exact=self.reconstruct == "exact",
         )
-        self.batches = []  # the calibration activations are no longer needed
+        self.batches = {}  # the calibration activations are no longer needed
         return masks
 
     def __repr__(self) -> str:
-        return f"SparseGPT(source={self.source!r}, damp={self.damp})"
+        extra = ", reconstruct='exact'" if self.reconstruct == "exact" else ""
+        return f"SparseGPT(hessian_mix={self.hessian_mix}, damp={self.damp}{extra})"
+
+
+def sequential_tolerance(shape: tuple[int, int], granularity: str, block_size: int) -> float:
+    """Largest realised-sparsity error of one matrix: each column block floors its count (< 1 entry)."""
+    kind, _, _ = parse_granularity(granularity)
+    if kind == "n:m":
+        return 1e-9
+    return -(-shape[1] // block_size) / (shape[0] * shape[1]) + 1e-9

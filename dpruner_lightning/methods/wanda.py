@@ -19,16 +19,27 @@ class Wanda(PruningMethod):
     name = "wanda"
     default_granularity = "row"
 
-    def __init__(self, source: Literal["general", "domain"] = "domain") -> None:
-        """Args: source: which calibration set feeds the input norms."""
+    def __init__(self, source: Literal["general", "domain"] = "domain", reconstruct: str = "none",
+                 hessian_mix: float = 0.0) -> None:
+        """
+        Args:
+            source: which calibration set feeds the input norms.
+            reconstruct: re-solve the kept weights after masking: ``none``, ``obs`` or ``exact``.
+            hessian_mix: open-domain share of the reconstruction Hessian (0: domain only).
+        """
         super().__init__()
+        if source not in ("general", "domain"):
+            raise ValueError(f"source must be 'general' or 'domain'; got {source!r}")
         self.source = source
+        self.configure_reconstruction(reconstruct, hessian_mix)
         self.norms: dict[str, torch.Tensor] = {}
 
-    def passes(self) -> list[CalibrationPass]:
+    def scoring_passes(self) -> list[CalibrationPass]:
         return [CalibrationPass("calibration", self.source, "forward")]
 
     def start_pass(self, p: CalibrationPass) -> None:
+        if p.mode == "collect":
+            return super().start_pass(p)
         self._stats = InputStatistics(self.targets, kind="sq_norm")
         self._stats.attach()
 
@@ -36,6 +47,8 @@ class Wanda(PruningMethod):
         self._stats.all_reduce_(all_reduce_sum)  # input norms of all ranks' tokens
 
     def end_pass(self, p: CalibrationPass) -> None:
+        if p.mode == "collect":
+            return
         self._stats.detach()
         self.norms = {n: self._stats.sq_norm(n).sqrt() for n in self.targets}
         del self._stats
@@ -44,3 +57,6 @@ class Wanda(PruningMethod):
         if not self.norms:
             raise RuntimeError("Wanda has no input norms: run its calibration pass first")
         return {n: w.detach().float().abs() * self.norms[n].to(w.device)[None, :] for n, w in self.weights().items()}
+
+    def __repr__(self) -> str:
+        return f"Wanda(source={self.source!r}, reconstruct={self.reconstruct!r}, hessian_mix={self.hessian_mix})"
