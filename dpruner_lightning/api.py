@@ -30,7 +30,7 @@ from .callbacks import finalize_pruning
 from .cli import quiet_known_warnings
 from .config import MaskSpec, ModelSpec, OutputSpec
 from .data import CalibrationDataModule, TextSource
-from .export import atomic_write_json, export_hf_folder, save_tensors
+from .export import artifact_folder, atomic_write_json, save_tensors, write_hf_folder
 from .methods.dpruner import DPrunerMethod
 from .module import DPrunerModule
 
@@ -200,13 +200,18 @@ class DPruner:
                                         max_length=max_length or max(self.config.max_length, 512))
 
     def save_pruned_model(self, path: str) -> Path:
-        """An HF folder (``from_pretrained`` loads it) plus ``masks.safetensors`` and ``summary.json``."""
+        """An HF folder (``from_pretrained`` loads it) plus ``masks.safetensors`` and ``dpruner_summary.json``.
+
+        ``path`` must not exist, be empty, or be a folder saved here earlier (it is then replaced): a file
+        or a folder holding anything else raises ``FileExistsError`` and is left untouched. Everything
+        is written into a temp folder beside ``path`` first, so a failed save leaves ``path`` as it was."""
         if not self.module.pruned:
             raise RuntimeError("nothing to save yet: run step3_prune_model first")
-        folder = export_hf_folder(self.module.model, self.module.tokenizer, path)
-        save_tensors(folder / "masks.safetensors", self.module.masks)
-        atomic_write_json(folder / "dpruner_summary.json", {**self.module.summary, "config": dataclasses.asdict(self.config)})
-        return folder
+        with artifact_folder(path, "pruned_model") as tmp:
+            write_hf_folder(self.module.model, self.module.tokenizer, tmp)
+            save_tensors(tmp / "masks.safetensors", self.module.masks)
+            atomic_write_json(tmp / "dpruner_summary.json", {**self.module.summary, "config": dataclasses.asdict(self.config)})
+        return Path(path)
 
     @property
     def model(self) -> torch.nn.Module:

@@ -2,11 +2,15 @@
 
 * :class:`CalibrationPassCallback` - one per pass of the method (for D-PRUNER: the general-importance
   pass and the regularised dual pass): starts the pass, hands every micro-batch's gradients to the
-  method in ``on_after_backward``, ends the pass, and logs its time and importance histograms.
+  method in ``on_after_backward``, ends the pass, checks that the target weights and the method's
+  tensors are finite (a NaN / inf stops the run, naming the matrix and the likely setting), and logs
+  its time and importance histograms.
 * :class:`MaskApplication` - when training ends: chooses and applies the masks, checks the realised
   sparsity, logs it per layer, and writes importance, masks and the pruned HF model. A structured
   method (``method.structured``, e.g. LLM-Pruner) returns no masks: its sparsity is the fraction of the
-  parameters counted before pruning that were removed.
+  parameters counted before pruning that were removed. Export folders are written aside and swapped
+  in (see :func:`~dpruner_lightning.export.artifact_folder`): a ``pruned_model/`` or ``sparse_model/``
+  holding files we did not write is refused when fit starts, before any pass.
 * :class:`RunSummary` - keeps ``summary.json`` in the log directory up to date (after pruning and
   after every validation).
 
@@ -32,7 +36,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 
 from .algorithms.masks import check_realised, mask_sparsity, realised_sparsity
-from .export import atomic_write_json, export_hf_folder, save_sparse_model, save_tensors
+from .export import atomic_write_json, check_finite, check_replaceable, export_hf_folder, save_sparse_model, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,37 @@ def subsample(t: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
         idx = torch.randint(0, flat.numel(), (n,), generator=torch.Generator().manual_seed(seed))
         flat = flat[idx.to(flat.device)]
     return flat.float().cpu()
+
+
+def add_histogram(writer, tag: str, t: torch.Tensor, samples: int, seed: int, step: int) -> None:
+    """A TensorBoard histogram of (a subsample of) ``t``; an empty or non-finite tensor is skipped with a
+    warning: TensorBoard cannot bin it ("The histogram is empty, please file a bug report")."""
+    values = subsample(t, samples, seed)
+    if values.numel() == 0 or not bool(torch.isfinite(values).all()):
+        log.warning("TensorBoard histogram %s skipped: the tensor is empty or holds NaN / inf", tag)
+        return
+    try:
+        writer.add_histogram(tag, values, step)
+    except ValueError as err:  # finite but extreme values (~1e38) can still leave every bin empty
+        log.warning("TensorBoard histogram %s skipped: %s", tag, err)
+
+
+def nonfinite_hint(pl_module) -> str:
+    """The setting that most likely produced NaN / inf in the module's weights, scores or outputs."""
+    method = pl_module.method
+    if pl_module.stage != "dense" and getattr(method, "learning_rate", 0) > 0:  # an SGD pass changed the weights
+        if getattr(method, "update", None) == "sgd":
+            return (f"likely cause: alpha / lambda_reg too large for update='sgd' (alpha={getattr(method, 'alpha', '?')}, "
+                    f"lambda_reg={getattr(method, 'lambda_reg', '?')}): use update='proximal' or a smaller alpha")
+        return (f"likely cause: the SGD pass diverged (learning rate {method.learning_rate}): use a smaller alpha "
+                "or set max_grad_norm")
+    return ("likely cause: an overflow in the model's dtype (float16: use bfloat16 or float32) or non-finite weights "
+            "in the model as loaded")
+
+
+def check_weights_finite(pl_module, what: str) -> None:
+    """Raise :class:`~dpruner_lightning.export.NonFiniteError` naming the first target weight with NaN / inf."""
+    check_finite({n: t.weight for n, t in pl_module.targets.items()}, what, nonfinite_hint(pl_module))
 
 
 def peak_memory_bytes() -> int:
@@ -171,15 +206,20 @@ class CalibrationPassCallback(L.Callback):
         pl_module.method.end_pass(p)
         seconds = time.perf_counter() - self._t0 - self._validation_seconds
         pl_module.phase_seconds[p.name] = seconds
+        # NaN / inf stop the run here, naming the matrix, rather than reach the masks and the exports.
+        check_weights_finite(pl_module, f"target weights after pass {p.name!r}")
+        artifacts = {k: v for k, v in pl_module.method.artifacts().items() if v}
+        for group, tensors in artifacts.items():
+            check_finite(tensors, f"{group} after pass {p.name!r}", nonfinite_hint(pl_module))
         writer = tensorboard(trainer)
         if writer is not None:
             writer.add_scalar(f"time/{p.name}_seconds", seconds, trainer.global_step)
             # Only the groups this pass produced: earlier passes' tensors were drawn when they ended.
-            artifacts = {k: v for k, v in pl_module.method.artifacts().items() if v and k not in pl_module.histograms_logged}
+            artifacts = {k: v for k, v in artifacts.items() if k not in pl_module.histograms_logged}
             pl_module.histograms_logged.update(artifacts)
             for group, tensors in artifacts.items():
                 for i, (name, t) in enumerate(tensors.items()):
-                    writer.add_histogram(f"{group}/{name}", subsample(t, pl_module.output.histogram_samples, i), trainer.current_epoch)
+                    add_histogram(writer, f"{group}/{name}", t, pl_module.output.histogram_samples, i, trainer.current_epoch)
 
 
 def structured_report(report: dict, pl_module) -> dict:
@@ -195,6 +235,14 @@ def structured_report(report: dict, pl_module) -> dict:
 class MaskApplication(L.Callback):
     """Apply the masks at the end of fit (unless the module's passes are being run step by step)."""
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        # Refuse an export folder holding the user's files now, not after the calibration passes.
+        out, spec = run_dir(trainer), pl_module.output  # run_dir: a collective, on every rank
+        if pl_module.apply_masks_at_end:
+            for name, wanted in (("pruned_model", spec.export_model), ("sparse_model", spec.export_sparse)):
+                if wanted:
+                    check_replaceable(out / name)
+
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if pl_module.apply_masks_at_end:
             finalize_pruning(trainer, pl_module)
@@ -205,6 +253,7 @@ def finalize_pruning(trainer: L.Trainer, pl_module) -> None:
     t0 = time.perf_counter()
     masks = pl_module.apply_pruning()
     pl_module.phase_seconds["mask"] = time.perf_counter() - t0
+    check_weights_finite(pl_module, "target weights after pruning")  # what would be exported
     weights = {n: t.weight_view() for n, t in pl_module.targets.items()}
     report = realised_sparsity(pl_module.model, weights)
     spec, method = pl_module.mask_spec, pl_module.method

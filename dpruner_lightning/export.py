@@ -1,5 +1,7 @@
 """Writing results: every file is written to a temporary name and renamed into place, so an
-interrupted run never leaves a half-written file over an earlier good one."""
+interrupted run never leaves a half-written file over an earlier good one. Export folders are
+written aside and swapped in only over an empty folder or one this package wrote (never over the
+user's files), and nothing holding NaN / inf is exported."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -29,6 +33,26 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class NonFiniteError(FloatingPointError):
+    """A tensor holds NaN or inf where a result must be finite."""
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str, hint: str = "") -> None:
+    """Raise :class:`NonFiniteError` naming the first floating-point tensor with NaN / inf entries."""
+    for name, t in tensors.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        # NaN / inf propagate into the sum, which allocates nothing the size of the tensor (isfinite()
+        # would: 500 MB of bools for a large embedding). Only a non-finite sum is looked at entry by entry
+        # (it may be a mere overflow of large finite values).
+        if bool(torch.isfinite(t.detach().sum())):
+            continue
+        bad = int((~torch.isfinite(t.detach())).sum())
+        if bad:
+            raise NonFiniteError(f"{what}: {name!r} has {bad} of {t.numel()} entries NaN or inf"
+                                 + (f"; {hint}" if hint else ""))
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
@@ -60,27 +84,110 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def export_hf_folder(model: torch.nn.Module, tokenizer, folder: str | Path) -> Path:
-    """``save_pretrained`` into a temporary sibling folder, then swap it in place of ``folder``."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+# -- artifact folders: written aside, swapped in only over an empty folder or one we wrote -----------
+MANIFEST = ".dpruner_export.json"
+_TMP, _OLD = ".dpruner-tmp.", ".dpruner-old."  # + "<pid>.<random>.<folder name>"
+
+
+def _manifest(folder: Path) -> dict | None:
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} - {MANIFEST}
+
+
+def check_replaceable(folder: str | Path) -> None:
+    """Raise ``FileExistsError`` unless an export may go to ``folder``: it does not exist, is an empty
+    folder, or is a folder this package wrote (its manifest lists every file in it). Anything else
+    (a file, a link, a folder holding files we did not write) is the user's and is never deleted."""
+    folder = Path(folder)
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder: refusing to replace it with an export. "
+                              "Choose another path, or remove it yourself.")
+    manifest = _manifest(folder)
+    foreign = sorted(_files(folder) - set(manifest.get("files", []) if manifest else []))
+    if foreign or (manifest is None and any(folder.iterdir())):
+        shown = foreign[:3] or sorted(p.name for p in folder.iterdir())[:3]
+        raise FileExistsError(f"{folder} is not empty and holds files dpruner_lightning did not write (e.g. {shown}): "
+                              "refusing to replace it. Choose another folder, or remove it yourself.")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        pass
+    return True
+
+
+def _clean_stale(parent: Path) -> None:
+    """Remove the temp folders of earlier runs that died mid-export (their process is gone). A folder
+    set aside during a swap that was cut between its two renames is put back instead."""
+    for entry in parent.iterdir():
+        prefix = next((p for p in (_TMP, _OLD) if entry.name.startswith(p)), None)
+        if prefix is None or not entry.is_dir():
+            continue
+        pid, _, rest = entry.name[len(prefix):].partition(".")
+        name = rest.partition(".")[2]
+        if not (pid.isdigit() and name) or _pid_alive(int(pid)):
+            continue
+        if prefix == _OLD and not (parent / name).exists():
+            with suppress(OSError):  # best effort: never block the new save, never delete it
+                os.replace(entry, parent / name)
         else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextmanager
+def artifact_folder(folder: str | Path, kind: str) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``folder`` to write an export into; when the block succeeds,
+    mark it as ours (:data:`MANIFEST`) and swap it in place of ``folder``. The old ``folder`` is only
+    replaced if :func:`check_replaceable` allows it; on any failure the temp folder is removed and
+    ``folder`` is left as it was."""
+    folder = Path(folder)
+    check_replaceable(folder)  # before writing anything
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(folder.parent)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{_TMP}{os.getpid()}.", suffix=f".{folder.name}"))
+    try:
+        yield tmp
+        atomic_write_json(tmp / MANIFEST, {"kind": kind, "files": sorted(_files(tmp))})
+        check_replaceable(folder)  # again: the user may have put something there meanwhile
+        if folder.is_dir() and any(folder.iterdir()):  # an earlier export of ours: set it aside first
+            old = folder.with_name(f"{_OLD}{os.getpid()}.{uuid.uuid4().hex[:8]}.{folder.name}")
+            os.replace(folder, old)
+            try:
+                os.replace(tmp, folder)
+            except BaseException:
+                os.replace(old, folder)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # rename() replaces an empty folder atomically
             os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
+
+
+def export_hf_folder(model: torch.nn.Module, tokenizer, folder: str | Path) -> Path:
+    """``save_pretrained`` (model and tokenizer) into ``folder`` through :func:`artifact_folder`."""
+    with artifact_folder(folder, "pruned_model") as tmp:
+        write_hf_folder(model, tokenizer, tmp)
+    return Path(folder)
+
+
+def write_hf_folder(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+    check_finite(model.state_dict(), "refusing to export the model")
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 # -- sparse storage: a bitmask plus the kept values ------------------------------------------------
@@ -113,8 +220,7 @@ def save_sparse_model(model: torch.nn.Module, target_names: list[str], tokenizer
     """Our sparse format: the HF config (+ tokenizer) and ONE safetensors file in which every target
     weight is a bitmask plus its kept values and every other tensor is stored dense. At 50% sparsity a
     bf16 matrix takes 1/16 + 1/2 of its dense bytes (56%). :func:`load_sparse_model` restores the model."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    check_finite(model.state_dict(), "refusing to export the model")
     weights = {f"{n}.weight" for n in target_names}
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, tuple]] = set()
@@ -128,11 +234,12 @@ def save_sparse_model(model: torch.nn.Module, target_names: list[str], tokenizer
                 tensors[f"{name}::{part}"] = t
         else:
             tensors[name] = tensor
-    model.config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    save_tensors(folder / SPARSE_FILE, tensors, {"format": "dpruner-sparse-v1"})
-    return folder
+    with artifact_folder(folder, "sparse_model") as tmp:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_tensors(tmp / SPARSE_FILE, tensors, {"format": "dpruner-sparse-v1"})
+    return Path(folder)
 
 
 def load_sparse_model(folder: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -228,8 +228,10 @@ class DPrunerModule(L.LightningModule):
         self.eval_names = tuple(getattr(self.trainer.datamodule, "eval_names", self.eval_names))
         needed = max(1, len(self.eval_names))
         while len(self._nll) < needed:
-            self._nll.append(SumMetric().to(self.device))
-            self._tokens.append(SumMetric().to(self.device))
+            # "disable": NaN / inf stay in the sum (the default drops NaNs with a warning, which turned a
+            # diverged model into perplexity 1.0); on_validation_epoch_end refuses a non-finite result.
+            self._nll.append(SumMetric(nan_strategy="disable").to(self.device))
+            self._tokens.append(SumMetric(nan_strategy="disable").to(self.device))
         for m in list(self._nll) + list(self._tokens):
             m.reset()
 
@@ -248,10 +250,23 @@ class DPrunerModule(L.LightningModule):
             count = float(self._tokens[i].compute())
             if count == 0:
                 continue
-            ppl = math.exp(float(self._nll[i].compute()) / count)
+            mean_nll = float(self._nll[i].compute()) / count
+            ppl = math.exp(mean_nll) if mean_nll < 700 else math.inf  # exp() overflows past ~709
+            if not math.isfinite(ppl):
+                self._non_finite_perplexity(name, mean_nll)
             results[name] = ppl
             self.log(f"ppl/{name}_{self.stage}", ppl, sync_dist=False)
         self.perplexities[self.stage] = results
+
+    def _non_finite_perplexity(self, name: str, mean_nll: float) -> None:
+        """A NaN / inf perplexity fails the stage: it is never logged, dropped or written to the summary."""
+        from .callbacks import check_weights_finite, nonfinite_hint
+        from .export import NonFiniteError
+
+        where = f"on eval set {name!r} at stage {self.stage!r}"
+        check_weights_finite(self, f"perplexity {where} is not finite; target weights")  # names the matrix if one is to blame
+        raise NonFiniteError(f"perplexity {where} is not finite (mean NLL per token = {mean_nll}): the model's "
+                             f"outputs are NaN / inf or overflow; {nonfinite_hint(self)}")
 
     # -- pruning ----------------------------------------------------------------------------------
     def apply_pruning(self) -> dict[str, torch.Tensor]:
