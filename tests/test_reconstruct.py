@@ -11,6 +11,7 @@ from dpruner_lightning.algorithms.reconstruct import (
     reconstruct_,
     reconstruction_error,
 )
+from dpruner_lightning.algorithms.lstsq import masked_least_squares_
 from dpruner_lightning.algorithms.sequential import sequential_blockwise, weighted_sets
 from dpruner_lightning.algorithms.targets import find_targets
 
@@ -39,11 +40,14 @@ def _naive_lstsq(W, X, keep):
 def test_exact_solver_equals_naive_least_squares():
     X, W, H, keep = _problem()
     ref = _naive_lstsq(W, X, keep)
-    for start in ("obs", "masked"):
+    runs = {"cholesky, one row at a time": dict(method="cholesky", chunk_bytes=1),
+            "cholesky, all rows at once": dict(method="cholesky"),
+            "cg from the masked weights": dict(method="cg", tol=1e-9, max_iter=500)}
+    for label, kwargs in runs.items():
         W2 = W.clone()
-        exact_reconstruct_(W2, H, keep, damp=0.0, tol=1e-9, max_iter=500, start=start)
+        masked_least_squares_(W2, H, keep, damp=0.0, **kwargs)
         rel = (W2.double() - ref).norm() / ref.norm()
-        assert rel < 1e-4, (start, float(rel))
+        assert rel < 1e-4, (label, float(rel))
         assert torch.equal(W2 != 0, keep)  # mask unchanged: pruned exactly zero, kept nonzero here
 
 
@@ -83,6 +87,11 @@ def test_solvers_order_exact_obs_none():
         assert torch.count_nonzero(W2[~keep]) == 0
         errs[solver] = reconstruction_error(W, W2, H)
     assert errs["exact"] <= errs["obs"] * (1 + 1e-6) and errs["obs"] < errs["none"], errs
+    W3 = W.clone()
+    exact_reconstruct_(W3, H, keep, tol=1e-9, max_iter=500)  # converged CG = the direct solution
+    W4 = W.clone()
+    masked_least_squares_(W4, H, keep, method="cholesky")
+    torch.testing.assert_close(W3, W4, rtol=1e-3, atol=1e-4)
 
 
 def test_reconstruct_writes_through_a_transposed_view():
@@ -98,8 +107,12 @@ def test_reconstruct_rejects_unknown_solver_and_bad_shapes():
     X, W, H, keep = _problem()
     with pytest.raises(ValueError, match="one of none, obs, exact"):
         reconstruct_(W, H, keep, "admm")
-    with pytest.raises(ValueError, match="keep like W"):
+    with pytest.raises(ValueError, match="keep must be shaped like W"):
         exact_reconstruct_(W, H, keep[:, :3])
+    with pytest.raises(ValueError, match="keep like W"):
+        masked_least_squares_(W, H, keep[:, :3])
+    with pytest.raises(ValueError, match="'cg' or 'cholesky'"):
+        masked_least_squares_(W, H, keep, method="lu")
 
 
 def test_weighted_sets_checks_the_mix():

@@ -9,9 +9,8 @@ arXiv:2401.02938). Two solvers, both in fp32 on a damped ``H`` (``damp`` times m
 
 * ``obs``: SparseGPT's column-by-column OBS update with the mask given (one Cholesky per matrix);
   greedy, so not exactly optimal.
-* ``exact``: per-row least squares on the kept columns, ``w'_K = w_K + H_KK^-1 H_KP w_P``, by
-  preconditioned conjugate gradients on all rows at once (one ``rows x in x in`` matmul per
-  iteration, no per-row factorisation), started from the ``obs`` solution.
+* ``exact``: per-row least squares on the kept columns, ``H_KK w'_K = (H w)_K``, by conjugate
+  gradients on all rows at once, warm-started from the ``obs`` solution (:mod:`.lstsq`).
 
 Neither changes the mask: the pruned weights are exactly zero afterwards.
 """
@@ -49,29 +48,14 @@ def obs_reconstruct_(W: Tensor, H: Tensor, keep: Tensor, block_size: int = 128, 
 
 
 @torch.no_grad()
-def exact_reconstruct_(
-    W: Tensor,
-    H: Tensor,
-    keep: Tensor,
-    damp: float = 0.01,
-    tol: float = 1e-6,
-    max_iter: int = 200,
-    start: Literal["obs", "masked"] = "obs",
-    block_size: int = 128,
-) -> Tensor:
-    """Optimal kept weights for the mask ``keep`` (per-row least squares under the damped ``H``), in place.
-
-    ``start``: ``obs`` warm-starts the solver from :func:`obs_reconstruct_` (fewer iterations),
-    ``masked`` from the masked original weights. See :func:`~.lstsq.masked_least_squares_` for
-    ``tol`` and ``max_iter``. Returns ``keep``.
-    """
-    if start not in ("obs", "masked"):
-        raise ValueError(f"start must be 'obs' or 'masked'; got {start!r}")
-    initial = None
-    if start == "obs" and W.dim() == 2 and tuple(keep.shape) == tuple(W.shape):
-        initial = W.detach().to(torch.float32).clone()
-        obs_reconstruct_(initial, H, keep, block_size=block_size, damp=damp)
-    return masked_least_squares_(W, H, keep, initial=initial, damp=damp, tol=tol, max_iter=max_iter)
+def exact_reconstruct_(W: Tensor, H: Tensor, keep: Tensor, damp: float = 0.01, block_size: int = 128,
+                       tol: float = 1e-4, max_iter: int = 100) -> Tensor:
+    """Optimal kept weights for the mask ``keep`` (per-row least squares under the damped ``H``), in
+    place: conjugate gradients warm-started from :func:`obs_reconstruct_` (see
+    :func:`~.lstsq.masked_least_squares_`). Returns ``keep``."""
+    initial = W.detach().to(torch.float32).clone()
+    obs_reconstruct_(initial, H, keep, block_size=block_size, damp=damp)
+    return masked_least_squares_(W, H, keep, damp=damp, initial=initial, tol=tol, max_iter=max_iter)
 
 
 def reconstruct_(W: Tensor, H: Tensor, keep: Tensor, solver: Solver, damp: float = 0.01, block_size: int = 128) -> Tensor:

@@ -165,7 +165,7 @@ def sequential_sparsegpt(
         work = W.detach().to(torch.float32).clone() if exact else W
         keep = sparsegpt_prune_(work, H, sparsity, prune_n, prune_m, block_size, damp, prior=priors.get(name))
         if exact:
-            masked_least_squares_(W, H, keep, initial=work, damp=damp)
+            masked_least_squares_(W, H, keep, damp=damp, initial=work)
         return keep
 
     return sequential_blockwise(model, targets, sets if sets is not None else weighted_sets(batches), solve, device)
