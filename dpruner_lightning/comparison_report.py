@@ -1,6 +1,10 @@
 """Measurements and reports of ``dpruner compare`` / ``sweep``: peak memory, compression ratio, the
 markdown table, and the files written (``<stem>.md``, ``<stem>.json``, TensorBoard text).
 
+Task columns (``compare.tasks``): one per task, headed ``<task> <metric>`` (``acc``, ``acc_norm``,
+``acc_cal`` or ``ROUGE-L``), each cell the headline score and its bootstrap 95% interval over the
+task's items, ``0.452 [0.36, 0.55]``; every metric is in the JSON row's ``tasks``.
+
 Compression ratio (see :func:`compression_ratio`): dense parameter bytes divided by the bytes of a
 storage that actually exploits the pruning:
 
@@ -124,18 +128,47 @@ def _cell(value: Any, fmt: str) -> str:
         return str(value)
 
 
+_METRIC_NAMES = {"accuracy": "acc", "accuracy_norm": "acc_norm", "accuracy_calibrated": "acc_cal", "rougeL": "ROUGE-L"}
+
+
+def _task_columns(results: list[dict]) -> list[tuple[str, str]]:
+    """``(task name, header)`` of every task some row was scored on, in first-seen order."""
+    columns: dict[str, str] = {}
+    for row in results:
+        for name, metrics in (row.get("tasks") or {}).items():
+            metric = metrics.get("score_metric", "score")
+            columns.setdefault(name, f"{name} {_METRIC_NAMES.get(metric, metric)}")
+    return list(columns.items())
+
+
+def _task_cell(metrics: Optional[dict]) -> str:
+    """Headline score with its bootstrap 95% interval: ``0.452 [0.36, 0.55]``."""
+    if not metrics or metrics.get("score") is None:
+        return "-"
+    ci = metrics.get("score_ci")
+    return f"{metrics['score']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
 def generate_comparison_report(results: list[dict], title: Optional[str] = None) -> str:
-    """A markdown table with one line per result row (failed rows show their error)."""
+    """A markdown table with one line per result row (failed rows show their error) and one column
+    per evaluated task."""
+    tasks = _task_columns(results)
+    headers = [h for _, h, _ in COLUMNS] + [h for _, h in tasks]
     lines = [f"## {title}", ""] if title else []
-    lines.append("| " + " | ".join(h for _, h, _ in COLUMNS) + " |")
-    lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+    lines.append("| " + " | ".join(headers) + " |")
+    lines.append("|" + "|".join("---" for _ in headers) + "|")
     for row in results:
         if row.get("error"):
-            lines.append(f"| {row['method']} | failed: {str(row['error']).splitlines()[0][:120]} |" + " |" * (len(COLUMNS) - 2))
+            lines.append(f"| {row['method']} | failed: {str(row['error']).splitlines()[0][:120]} |" + " |" * (len(headers) - 2))
             continue
-        lines.append("| " + " | ".join(_cell(row.get(k), f) for k, _, f in COLUMNS) + " |")
+        cells = [_cell(row.get(k), f) for k, _, f in COLUMNS] + [_task_cell((row.get("tasks") or {}).get(n)) for n, _ in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
     kinds = sorted({r.get("peak_memory_kind") for r in results if r.get("peak_memory_kind")})
     lines += ["", f"Sparsity of LLM-Pruner = fraction of parameters removed. Peak memory: {', '.join(kinds) or 'n/a'}."]
+    if tasks:
+        sizes = {n: m.get("n") for r in results for n, m in (r.get("tasks") or {}).items()}
+        lines.append("Tasks: score [bootstrap 95% interval over items]; items: "
+                     + ", ".join(f"{n} {sizes.get(n)}" for n, _ in tasks) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ so each one can be tested on a hand-written snippet:
 
 * :func:`strip_wiki_markup` / :func:`iter_wikipedia_articles`: MediaWiki XML dump -> article text;
 * :func:`iter_pubmed_abstracts`: PubMed/MEDLINE XML -> "title\\n\\nabstract";
+* :func:`iter_pubmed_records` / :func:`clean_pubmed_records`: the same XML -> ``{"title", "abstract"}``;
 * :func:`strip_yaml_header`: ScanCode ``*.LICENSE`` file -> licence text;
 * :func:`clean_documents`: drop short documents and exact duplicates.
 """
@@ -141,10 +142,10 @@ def _element_text(elem: ET.Element) -> str:
     return re.sub(r"\s+", " ", "".join(elem.itertext())).strip()
 
 
-def iter_pubmed_abstracts(stream: IO[bytes]) -> Iterator[str]:
-    """Yield ``title + "\\n\\n" + abstract`` for each PubMed article that has an abstract.
+def _pubmed_articles(stream: IO[bytes]) -> Iterator[tuple[str, list[str]]]:
+    """``(title, abstract sections)`` of each PubMed article that has an abstract (title may be "").
 
-    Structured abstracts keep their section labels ("METHODS: ..."), one section per line.
+    Structured abstracts keep their section labels ("METHODS: ..."), one string per section.
     """
     for _, elem in ET.iterparse(stream, events=("end",)):
         if elem.tag not in ("PubmedArticle", "PubmedBookArticle"):
@@ -159,9 +160,46 @@ def iter_pubmed_abstracts(stream: IO[bytes]) -> Iterator[str]:
             if body:
                 sections.append(f"{label.strip()}: {body}" if label else body)
         if sections:
-            title = _element_text(title_elem) if title_elem is not None else ""
-            yield (title + "\n\n" if title else "") + "\n".join(sections)
+            yield (_element_text(title_elem) if title_elem is not None else ""), sections
         elem.clear()
+
+
+def pubmed_document(title: str, abstract: str) -> str:
+    """The text of one sample-corpus document: ``title + "\\n\\n" + abstract`` (just the abstract
+    without a title). Title tasks rebuild it to recognise the documents a model was calibrated on."""
+    return (title + "\n\n" if title else "") + abstract
+
+
+def iter_pubmed_abstracts(stream: IO[bytes]) -> Iterator[str]:
+    """Yield ``title + "\\n\\n" + abstract`` for each PubMed article that has an abstract.
+
+    Structured abstracts keep their section labels ("METHODS: ..."), one section per line.
+    """
+    for title, sections in _pubmed_articles(stream):
+        yield pubmed_document(title, "\n".join(sections))
+
+
+def iter_pubmed_records(stream: IO[bytes]) -> Iterator[dict[str, str]]:
+    """Yield ``{"title", "abstract"}`` for each PubMed article with an abstract (the same articles and
+    abstract text as :func:`iter_pubmed_abstracts`, with the title kept apart for title tasks)."""
+    for title, sections in _pubmed_articles(stream):
+        yield {"title": title, "abstract": "\n".join(sections)}
+
+
+def clean_pubmed_records(records: Iterable[dict[str, str]], min_chars: int = MIN_DOC_CHARS) -> list[dict[str, str]]:
+    """Keep the records whose document survives :func:`clean_documents` (same length rule, first copy of
+    a duplicate) and that have a title: the titled subset of the ``pubmed`` sample, in its order."""
+    seen: set[str] = set()
+    out = []
+    for record in records:
+        title, abstract = record["title"].strip(), record["abstract"].strip()
+        doc = pubmed_document(title, abstract).strip()
+        if len(doc) < min_chars or doc in seen:
+            continue
+        seen.add(doc)
+        if title:
+            out.append({"title": title, "abstract": abstract})
+    return out
 
 
 # --- Licences -----------------------------------------------------------------------------------

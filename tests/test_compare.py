@@ -13,6 +13,7 @@ import yaml
 from dpruner_lightning.benchmark import BenchmarkSuite, ExperimentRunner
 from dpruner_lightning.cli import main
 from dpruner_lightning.comparison import load_config, run_subcommand, validate_config
+from dpruner_lightning.data import split_by_document
 from dpruner_lightning.methods import METHODS
 from dpruner_lightning.methods.magnitude import Magnitude
 
@@ -154,6 +155,9 @@ def test_a_failed_row_is_reported_and_the_others_kept(tmp_path):
         ({"sweep": {"sparsities": []}}, "non-empty list"),
         ({"sweep": {"sparsities": [0.5, 1.2]}}, "distinct numbers in"),
         ({"sweep": {"sparsities": [0.5], "methods": ["wanda"], "lambda_values": [0.1]}}, "no method of the sweep is D-PRUNER"),
+        ({"compare": {"tasks": [{"name": "nope", "path": "x.jsonl"}]}}, r"compare.tasks\[0\]: unknown task preset 'nope'"),
+        ({"compare": {"tasks": [{"name": "casehold", "path": "missing.jsonl"}]}}, r"compare.tasks\[0\] \(casehold\): path: no text file"),
+        ({"sweep": {"sparsities": [0.5], "tasks": [{"name": "billsum"}]}}, r"sweep.tasks\[0\] \(billsum\): .*add path"),
     ],
 )
 def test_bad_sections_fail_before_any_compute(tmp_path, section, message):
@@ -182,3 +186,37 @@ def test_compare_and_sweep_configs_validate(path, monkeypatch, tmp_path):
     assert extras and cli.model.method is not None
     plans = validate_config(path)
     assert all(plans[name] for name in extras)
+
+
+def _jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_compare_scores_every_row_on_every_task(tmp_path):
+    qa = [{"QUESTION": f"Is drug {i} safe?", "CONTEXTS": ["A short study."], "final_decision": d}
+          for i, d in enumerate(["yes", "no", "maybe", "yes"])]
+    bills = [{"source": "The bill funds rural hospitals. " * 5, "summary": "Funds hospitals."}] * 2
+    calibrated_on, held_out = split_by_document(_texts("domain.txt"), 0.2, 0 + 1)  # as the smoke config's datamodule
+    titles = [{"title": f"Title {i}", "abstract": f"Abstract {i} about a trial."} for i in range(5)]
+    titles += [{"title": "Seen in calibration", "abstract": calibrated_on[0]}, {"title": "Held out", "abstract": held_out[0]}]
+    tasks = [{"name": "pubmedqa", "path": _jsonl(tmp_path / "qa.jsonl", qa), "limit": 3, "calibrate": True},
+             {"name": "billsum", "path": _jsonl(tmp_path / "bills.jsonl", bills), "max_new_tokens": 4, "max_length": 96},
+             {"name": "pubmed_title", "path": _jsonl(tmp_path / "titles.jsonl", titles), "n": 10, "seed": 0}]
+    path = _variant(tmp_path, "compare_smoke.yaml", compare={"methods": ["dense", "magnitude"], "tasks": tasks})
+    with contextlib.chdir(REPO):
+        run_subcommand("compare", ["--config", str(path), "--output_dir", str(tmp_path / "out")])
+    doc = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [r["method"] for r in doc["rows"]] == ["dense", "magnitude"]
+    assert doc["tasks"]["pubmed_title"]["n"] == 6  # the calibration document is left out, the held-out one kept
+    for row in doc["rows"]:
+        assert "error" not in row and math.isfinite(row["ppl_domain"]), row
+        assert set(row["tasks"]) == {"pubmedqa", "billsum", "pubmed_title"}
+        for name, metrics in row["tasks"].items():
+            assert 0.0 <= row[f"task_{name}"] <= 1.0 and row[f"task_{name}"] == metrics["score"]
+            assert metrics["score_ci"][0] <= metrics["score"] <= metrics["score_ci"][1]
+        assert row["tasks"]["pubmedqa"]["n"] == 3 and "accuracy_calibrated" in row["tasks"]["pubmedqa"]
+        assert "macro_f1" in row["tasks"]["pubmedqa"] and "rouge2" in row["tasks"]["billsum"]
+    header, _, *lines = [line for line in (tmp_path / "out" / "comparison.md").read_text().splitlines() if line.startswith("| ")]
+    assert header.endswith("| pubmedqa acc_cal | billsum ROUGE-L | pubmed_title acc_norm |")
+    assert all(line.count("|") == header.count("|") and " [" in line.split("|")[-2] for line in lines)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
+from dpruner_lightning import evaluation
 from dpruner_lightning.data import TextSource
-from dpruner_lightning.evaluation import (MultipleChoiceTask, casehold, evaluate_multiple_choice, pubmedqa,
-                                          score_choices)
+from dpruner_lightning.evaluation import (MultipleChoiceTask, bootstrap_ci, casehold, evaluate_multiple_choice,
+                                          macro_f1, pubmedqa, score_choices)
 from dpruner_lightning.models import byte_tokenizer
 
 from .conftest import tiny_model
@@ -165,3 +167,118 @@ def test_from_local_jsonl(tmp_path, model, tok):
     assert len(task.records) == 2
     out = evaluate_multiple_choice(model, tok, task)
     assert out["n"] == 2 and 0.0 <= out["accuracy"] <= 1.0
+
+
+def test_pubmedqa_factory_reads_the_pqa_l_export():
+    rec = {"QUESTION": "Does X cause Y?", "CONTEXTS": ["One.", "Two."], "final_decision": "yes", "LONG_ANSWER": "..."}
+    ((ctx, _, label),) = pubmedqa([rec]).instances()
+    assert ctx == "Question: Does X cause Y?\nContext: One. Two.\nAnswer:" and label == 0
+
+
+# -- KV-cached scoring ---------------------------------------------------------------------------------
+CHOICES = [" x", " yes indeed", " maybe, or maybe not at all", " no"]  # 2 to 27 tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("max_length", [512, 40, 28])  # left truncation, different per choice length (28: 1 context token)
+def test_cached_scores_equal_per_choice_full_forwards(family, max_length, tok):
+    model = tiny_model(family)
+    ctx = "Question: which answer fits the context given here?\nAnswer:"
+    cached = score_choices(model, tok, ctx, CHOICES, max_length=max_length, use_cache=True)
+    full = score_choices(model, tok, ctx, CHOICES, max_length=max_length, use_cache=False)
+    for (s, n), (f, m), c in zip(cached, full, CHOICES):
+        assert n == m == len(tok(c, add_special_tokens=False)["input_ids"])
+        assert s == pytest.approx(naive_score(model, tok, ctx, c, max_length), abs=1e-4)
+        assert f == pytest.approx(s, abs=1e-4)
+    auto = score_choices(model, tok, ctx, CHOICES, max_length=max_length)
+    assert evaluation._CACHE_CHECKED[model] is True  # the one-time check accepted the cached path
+    assert [a for a, _ in auto] == pytest.approx([s for s, _ in cached], abs=1e-4)
+
+
+class NoCache(torch.nn.Module):
+    """A model whose outputs carry no KV cache (as some custom architectures): the cached path cannot run."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, **ignored):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+def test_cache_failure_falls_back_to_full_forwards(model, tok, caplog):
+    wrapped = NoCache(model)
+    ctx = "Q: fall back?\nA:"
+    with caplog.at_level(logging.DEBUG, logger="dpruner_lightning.evaluation"):
+        first = score_choices(wrapped, tok, ctx, CHOICES)
+        again = score_choices(wrapped, tok, ctx, CHOICES)
+    assert evaluation._CACHE_CHECKED[wrapped] is False
+    assert "KV-cached choice scoring failed" in caplog.text and "using full forwards" in caplog.text
+    for (a, _), (b, _), c in zip(first, again, CHOICES):
+        assert a == pytest.approx(naive_score(model, tok, ctx, c), abs=1e-4) and b == pytest.approx(a, abs=1e-5)
+    with pytest.raises(TypeError, match="no repeatable KV cache"):
+        score_choices(wrapped, tok, ctx, CHOICES, use_cache=True)
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+def test_macro_f1_on_a_hand_made_confusion_matrix():
+    # rows = true class, columns = predicted class:   0  1  2
+    #                                             0 [ 3, 1, 0 ]
+    #                                             1 [ 1, 2, 1 ]
+    #                                             2 [ 0, 0, 0 ]  (class 2 is only ever predicted)
+    pairs = [(0, 0)] * 3 + [(0, 1)] + [(1, 0)] + [(1, 1)] * 2 + [(1, 2)]
+    labels, preds = [y for y, _ in pairs], [p for _, p in pairs]
+    f1_0 = 2 * 3 / (2 * 3 + 1 + 1)  # tp 3, fp 1 (a true 1), fn 1 (predicted 1)
+    f1_1 = 2 * 2 / (2 * 2 + 1 + 2)  # tp 2, fp 1, fn 2
+    f1_2 = 0.0  # tp 0, fp 1
+    assert macro_f1(labels, preds) == pytest.approx((f1_0 + f1_1 + f1_2) / 3)
+    assert macro_f1([0, 1, 1], [0, 1, 1]) == 1.0
+    assert macro_f1([1, 1, 1, 1], [1, 1, 1, 1]) == 1.0  # one class present: F1 over it alone
+    with pytest.raises(ValueError, match="as many predictions"):
+        macro_f1([0, 1], [0])
+
+
+def test_bootstrap_interval_is_seeded_and_contains_the_estimate():
+    correct = [True] * 27 + [False] * 13
+    lo, hi = bootstrap_ci(correct)
+    assert lo < 27 / 40 < hi and 0.0 <= lo and hi <= 1.0
+    assert bootstrap_ci(correct) == [lo, hi]  # same seed, same interval
+    assert bootstrap_ci(correct, seed=1) != [lo, hi]
+    assert bootstrap_ci([0.5] * 10) == pytest.approx([0.5, 0.5])
+    narrow = bootstrap_ci(correct * 10)
+    assert narrow[1] - narrow[0] < hi - lo  # more items, tighter interval
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def test_metrics_and_calibration(model, tok, monkeypatch):
+    naive = _naive_all(model, tok)
+    records = [{**r, "y": _argmax(s)} for r, s in zip(RECORDS, naive)]
+    calls = []
+    real = evaluation.score_choices
+
+    def counting(model_, tok_, context, conts, *args, **kwargs):
+        calls.append(context)
+        return real(model_, tok_, context, conts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "score_choices", counting)
+    fixed = MultipleChoiceTask("fixed", records, PROMPT, [" mammals", " birds", " fish"], "y", calibrate=True,
+                               neutral_prompt="Answer:")
+    out = evaluate_multiple_choice(model, tok, fixed, return_details=True)
+    assert calls.count("Answer:") == 1  # a fixed choice list: the neutral prompt is scored once per task
+    neutral = [s for s, _ in real(model, tok, "Answer:", [" mammals", " birds", " fish"])]
+    for d in out["details"]:
+        assert d["neutral_scores"] == pytest.approx(neutral, abs=1e-4)
+    expected = sum(_argmax([s - b for s, b in zip(d["scores"], neutral)]) == d["label"] for d in out["details"]) / 6
+    assert out["accuracy_calibrated"] == pytest.approx(expected)
+    assert out["score_metric"] == "accuracy_calibrated" and out["score"] == out["accuracy_calibrated"]
+    for key in ("macro_f1", "macro_f1_norm", "macro_f1_calibrated"):
+        assert 0.0 <= out[key] <= 1.0
+    for key in ("accuracy_ci", "accuracy_norm_ci", "accuracy_calibrated_ci", "score_ci"):
+        assert out[key][0] <= out[key][1]
+    calls.clear()
+    evaluate_multiple_choice(model, tok, MultipleChoiceTask("per-record", records, PROMPT, "opts", "y", calibrate=True))
+    assert calls.count("Answer:") == len(RECORDS)  # one neutral scoring per distinct choice list
+    right = evaluate_multiple_choice(model, tok, MultipleChoiceTask("r", records, PROMPT, "opts", "y", normalize=False))
+    assert right["accuracy"] == 1.0 and right["macro_f1"] == 1.0 and right["accuracy_ci"] == [1.0, 1.0]
+    assert "accuracy_calibrated" not in right and right["score_metric"] == "accuracy"
