@@ -153,7 +153,7 @@ def main() -> None:
                 run_spec = spec
             t0 = time.perf_counter()
             masks = m.prune(run_spec)
-            row = evaluate(f"{label} | {triple}", module, val, bs, time.perf_counter() - t0)
+            row = evaluate(f"{label} @ lambda,alpha,epochs={triple}", module, val, bs, time.perf_counter() - t0)
             row.update(dual=dual, overrides=overrides, dual_passes_seconds=round(passes_s, 1))
             if label.startswith("paper"):
                 if first_masks is None:
