@@ -251,8 +251,9 @@ def _spec(entry: Any, where: str) -> TaskSpec:
         except FileNotFoundError as err:
             raise ValueError(f"{where} ({name}): path: {err}. Fix the path (relative paths start from the "
                              "current directory) or remove the task") from None
-        source = TextSource(**{k: entry[k] for k in _SOURCE_KEYS if entry.get(k) is not None},
-                            max_documents=entry.get("limit"))
+        # all records are read: ``limit`` draws a seeded subset in build_task (files are often sorted
+        # by label, and their first N would then be one class)
+        source = TextSource(**{k: entry[k] for k in _SOURCE_KEYS if entry.get(k) is not None})
     elif needs_records:
         raise ValueError(f"{where} ({name}): the {preset} task needs its records: add path: <file.jsonl> "
                          "(or dataset: <hub name> with split:)")
@@ -275,10 +276,14 @@ def parse_task_specs(entries: Any, where: str = "compare.tasks") -> list[TaskSpe
 
 
 def build_task(spec: TaskSpec, exclude_texts: Iterable[str] = ()) -> Union[MultipleChoiceTask, SummarizationTask]:
-    """The task of a spec: its records loaded (``limit`` first ones) and its preset applied."""
+    """The task of a spec: its records loaded (``limit``: a seeded random subset, in file order) and its
+    preset applied."""
     builder = PRESETS[spec.preset][0]
     if spec.source is not None:
         records = load_records(spec.source)
+        if spec.limit is not None and spec.limit < len(records):
+            chosen = sorted(random.Random(0).sample(range(len(records)), spec.limit))
+            records = [records[i] for i in chosen]
     else:  # only pubmed_title runs without a path: the titled documents of the built-in pubmed sample
         from .assets import pubmed_title_records
 

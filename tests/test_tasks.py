@@ -196,6 +196,14 @@ def test_task_specs_build_with_limit_and_options(tmp_path):
     (spec,) = parse_task_specs([{"name": "pqa_cal", "preset": "pubmedqa", "path": str(path), "limit": 3, "calibrate": True}])
     task = build_task(spec)
     assert isinstance(task, MultipleChoiceTask) and task.name == "pqa_cal" and len(task.records) == 3 and task.calibrate
+    # limit is a seeded subset in file order, not the first N (files sorted by label would give one class)
+    labels = ["yes"] * 10 + ["no"] * 10
+    path = write_jsonl(tmp_path / "sorted.jsonl", [{"QUESTION": f"q{i}?", "CONTEXTS": ["c"], "final_decision": d}
+                                                   for i, d in enumerate(labels)])
+    (spec,) = parse_task_specs([{"name": "pubmedqa", "path": str(path), "limit": 8}])
+    first, again = build_task(spec).records, build_task(spec).records
+    assert first == again and {r["final_decision"] for r in first} == {"yes", "no"}
+    assert [int(r["QUESTION"][1:-1]) for r in first] == sorted(int(r["QUESTION"][1:-1]) for r in first)
     (spec,) = parse_task_specs([{"name": "pubmed_title", "path": str(write_jsonl(tmp_path / "t.jsonl", synthetic_titles(6))),
                                  "n": 2, "seed": 1}])
     assert len(build_task(spec, exclude_texts=[synthetic_titles(6)[0]["abstract"]]).records) == 2
