@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dpruner_lightning.algorithms.masks import apply_mask_
+from dpruner_lightning.algorithms.hessian import InputStatistics
 from dpruner_lightning.algorithms.sparsegpt import sequential_sparsegpt
 from dpruner_lightning.algorithms.sequential import weighted_sets
 from dpruner_lightning.cli import quiet_known_warnings
 from dpruner_lightning.config import MaskSpec, ModelSpec, OutputSpec
-from dpruner_lightning.data import CalibrationDataModule, TextSource, load_documents, pack_tokens, split_by_document
+from dpruner_lightning.data import CalibrationDataModule, TextSource, pack_tokens
 from dpruner_lightning.methods import DPrunerMethod, Wanda
 from dpruner_lightning.module import DPrunerModule
 
@@ -55,17 +55,15 @@ VARIANTS = [
 ]
 
 
-def calibration_and_validation(data: dict, tokenizer, n_val: int) -> tuple[dict, dict]:
-    """Blocks per source: the datamodule's calibration draw, and the next ``n_val`` of the same permutation."""
+def calibration_and_validation(dm: CalibrationDataModule, tokenizer, n_val: int) -> tuple[dict, dict]:
+    """Blocks per source: the datamodule's calibration draw, and the next ``n_val`` of the same permutation
+    (same documents, same seed as its ``setup``; the held-out evaluation documents are never read)."""
     cal, val = {}, {}
-    for i, name in enumerate(("general", "domain")):
-        source = TextSource(**data[name])
-        docs = load_documents(source)
-        if data.get(f"eval_{name}") is None and data.get("hold_out", True):
-            docs, _ = split_by_document(docs, data.get("eval_fraction", 0.1), data.get("seed", 0) + i)
-        blocks = pack_tokens(docs, tokenizer, data["seq_len"])
-        perm = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(data.get("seed", 0) + i))
-        n = data["num_samples"]
+    for name, (docs, _) in dm.source_documents().items():
+        blocks = pack_tokens(docs, tokenizer, dm.seq_len)
+        seed = dm.seed + ("general", "domain").index(name)  # as setup() seeds each source
+        perm = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))
+        n = dm.num_samples
         if blocks.shape[0] < n + n_val:
             raise ValueError(f"{name}: {blocks.shape[0]} blocks, need {n} calibration + {n_val} validation")
         cal[name], val[name] = blocks[perm[:n]], blocks[perm[n : n + n_val]]
@@ -96,7 +94,7 @@ def run_dual(model_spec: ModelSpec, dm: CalibrationDataModule, dual: dict) -> DP
     return module
 
 
-def evaluate(label: str, module: DPrunerModule, val: dict, batch_size: int, seconds: float, masks=None) -> dict:
+def evaluate(label: str, module: DPrunerModule, val: dict, batch_size: int, seconds: float) -> dict:
     model = module.model.eval()
     row = {"variant": label, "ppl_domain_val": perplexity(model, val["domain"], batch_size),
            "ppl_general_val": perplexity(model, val["general"], batch_size), "seconds": round(seconds, 1)}
@@ -125,7 +123,10 @@ def main() -> None:
     model_spec = ModelSpec(**config["model"]["model"])
     spec = MaskSpec(sparsity=config["model"].get("mask", {}).get("sparsity", 0.5), granularity=args.granularity)
     probe = DPrunerModule(model=model_spec)
-    cal, val = calibration_and_validation(data, probe.tokenizer, args.val)
+    sources = {k: TextSource(**v) for k, v in data.items() if k in ("general", "domain", "eval_general", "eval_domain")}
+    split = CalibrationDataModule(**sources, **{k: v for k, v in data.items() if k in
+                                             ("seq_len", "num_samples", "eval_fraction", "seed", "hold_out")})
+    cal, val = calibration_and_validation(split, probe.tokenizer, args.val)
     dm = CalibrationDataModule.from_token_blocks(cal["general"], cal["domain"], val["general"], val["domain"],
                                                  batch_size=data.get("batch_size", 1))
     bs = data.get("batch_size", 1)
@@ -180,8 +181,6 @@ def main() -> None:
                     method.targets[n].weight_view().copy_(w)
                 wanda = Wanda(reconstruct=recon, hessian_mix=mix)
                 wanda.prepare(module.model, method.targets)
-                from dpruner_lightning.algorithms.hessian import InputStatistics
-
                 t0 = time.perf_counter()
                 with InputStatistics(method.targets, kind="sq_norm") as stats, torch.no_grad():
                     for b in batches["domain"]:
@@ -195,7 +194,7 @@ def main() -> None:
         del module, method
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": args.config, "granularity": args.granularity, "rows": rows}, indent=1))
-    print(f"\n| variant | domain ppl (val) | general ppl (val) | s |\n|---|---|---|---|")
+    print("\n| variant | domain ppl (val) | general ppl (val) | s |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['ppl_domain_val']:.2f} | {r['ppl_general_val']:.2f} | {r['seconds']} |")
 

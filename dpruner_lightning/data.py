@@ -268,6 +268,7 @@ class CalibrationDataModule(L.LightningDataModule):
         self.tokenizer_name, self.num_workers, self.hold_out = tokenizer, num_workers, hold_out
         self.calibration: dict[str, torch.Tensor] = {}
         self.evaluation: dict[str, torch.Tensor] = {}
+        self._documents: Optional[dict[str, tuple[list[str], list[str]]]] = None
 
     @classmethod
     def from_token_blocks(cls, general: torch.Tensor, domain: torch.Tensor, eval_general: torch.Tensor,
@@ -292,13 +293,12 @@ class CalibrationDataModule(L.LightningDataModule):
         if self.calibration or self.evaluation:  # idempotent across fit / validate
             return
         tok = self._tokenizer()
+        split = self.source_documents()
         for i, name in enumerate(("general", "domain")):
             source, eval_source = self.sources[name], self.eval_sources[name]
             held_out: list[str] = []
             if source is not None:
-                docs = load_documents(source)
-                if eval_source is None and self.hold_out:
-                    docs, held_out = split_by_document(docs, self.eval_fraction, self.seed + i)
+                docs, held_out = split[name]
                 what = f"the {name} calibration text ({source.describe()})"
                 self.calibration[name] = sample_blocks(pack_tokens(docs, tok, self.seq_len), self.num_samples, self.seed + i, what)
             if eval_source is not None:
@@ -313,6 +313,22 @@ class CalibrationDataModule(L.LightningDataModule):
         for name in ("general", "domain"):
             log.info("%s: %d calibration / %d evaluation sequences of %d tokens", name,
                      len(self.calibration.get(name, ())), len(self.evaluation.get(name, ())), self.seq_len)
+
+    def source_documents(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Per calibration source: ``(calibration documents, held-out documents)``, by the seeded document
+        split (nothing is held out when an evaluation source is given or ``hold_out`` is off). Loaded
+        once; ``setup`` and anything that must avoid the calibration text (task builders) share it."""
+        if self._documents is None:
+            self._documents = {}
+            for i, name in enumerate(("general", "domain")):
+                source = self.sources[name]
+                if source is None:
+                    continue
+                docs, held_out = load_documents(source), []
+                if self.eval_sources[name] is None and self.hold_out:
+                    docs, held_out = split_by_document(docs, self.eval_fraction, self.seed + i)
+                self._documents[name] = (docs, held_out)
+        return self._documents
 
     @property
     def eval_names(self) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .corpora import pubmed_document
-from .data import TextSource, _local_files, load_documents, load_records, split_by_document
+from .data import TextSource, _local_files, load_records
 from .evaluation import MultipleChoiceTask, _format, bootstrap_ci, casehold, evaluate_multiple_choice, pubmedqa
 
 log = logging.getLogger(__name__)
@@ -298,18 +298,9 @@ def build_task(spec: TaskSpec, exclude_texts: Iterable[str] = ()) -> Union[Multi
 
 def calibration_documents(datamodule) -> dict[str, list[str]]:
     """Per calibration set, the documents a :class:`~dpruner_lightning.data.CalibrationDataModule`
-    calibrates on: each source's documents minus those it holds out for evaluation, by the same seeded
-    split as its ``setup`` (held-out documents may serve as questions: they are evaluation text already)."""
-    out = {}
-    for i, name in enumerate(("general", "domain")):  # the order, and so the seeds, of setup()
-        source = (getattr(datamodule, "sources", None) or {}).get(name)
-        if source is None:
-            continue
-        docs = load_documents(source)
-        if datamodule.eval_sources.get(name) is None and datamodule.hold_out:
-            docs, _ = split_by_document(docs, datamodule.eval_fraction, datamodule.seed + i)
-        out[name] = docs
-    return out
+    calibrates on (its seeded split; held-out documents may serve as questions: they are evaluation
+    text already)."""
+    return {name: docs for name, (docs, _) in datamodule.source_documents().items()}
 
 
 def calibration_texts(datamodule) -> list[str]:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dpruner_lightning.algorithms.masks import select_mask
+from dpruner_lightning.algorithms.hessian import damped
 from dpruner_lightning.algorithms.reconstruct import (
-    damped,
     exact_reconstruct_,
     obs_reconstruct_,
     reconstruct_,

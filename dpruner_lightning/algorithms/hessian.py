@@ -200,6 +200,16 @@ def dead_inputs(H: Tensor) -> Tensor:
     return H.diagonal() == 0
 
 
+def damped(H: Tensor, damp: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A copy of ``H + damp * mean(diag H) * I`` in ``dtype``, dead inputs (``diag H == 0``) given a unit
+    diagonal first so that the matrix is invertible (their weights must be zeroed by the caller)."""
+    A = H.to(dtype).clone()
+    dead = dead_inputs(A)
+    A[dead, dead] = 1.0
+    A.diagonal().add_(damp * A.diagonal().mean())
+    return A
+
+
 def inverse_hessian_cholesky(H: Tensor, damp: float = 0.01) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (so ``U^T U`` is that inverse).
 
@@ -214,10 +224,7 @@ def inverse_hessian_cholesky(H: Tensor, damp: float = 0.01) -> Tensor:
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
     for dtype in (torch.float32, torch.float64):
-        A = H.to(dtype).clone()
-        dead = dead_inputs(A)
-        A[dead, dead] = 1.0
-        A.diagonal().add_(damp * A.diagonal().mean())
+        A = damped(H, damp, dtype)
         L, info = torch.linalg.cholesky_ex(A)
         if info.item() != 0:
             continue

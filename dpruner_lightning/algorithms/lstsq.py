@@ -14,16 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .hessian import dead_inputs
-
-
-def damped(H: Tensor, damp: float) -> Tensor:
-    """``H + damp * mean(diag H) * I`` in fp32 (dead inputs get a unit diagonal, as in the OBS code)."""
-    A = H.to(torch.float32).clone()
-    dead = dead_inputs(A)
-    A[dead, dead] = 1.0
-    A.diagonal().add_(damp * A.diagonal().mean())
-    return A
+from .hessian import damped, dead_inputs
 
 
 @torch.no_grad()

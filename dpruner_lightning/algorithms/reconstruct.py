@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .lstsq import damped, masked_least_squares_
+from .lstsq import masked_least_squares_
 from .sparsegpt import sparsegpt_prune_
 
 Solver = Literal["none", "obs", "exact"]

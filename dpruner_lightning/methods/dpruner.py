@@ -49,11 +49,9 @@ from ..algorithms.importance import (
     taylor_accumulate_,
     taylor_score,
 )
-from ..algorithms.masks import parse_granularity
-from ..algorithms.sparsegpt import sequential_sparsegpt
 from ..config import MaskSpec
 from .base import CalibrationPass, PruningMethod
-from .sparsegpt import check_sequential_mask_spec, sequential_tolerance
+from .sparsegpt import check_sequential_mask_spec, prune_sequentially, sequential_tolerance
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +235,7 @@ class DPrunerMethod(PruningMethod):
         self.original = {}
         if self.selection == "score":
             return super().prune(spec)
-        kind, n, m = parse_granularity(spec.resolved_granularity(self.default_granularity))
-        masks = sequential_sparsegpt(
-            self.model, self.targets, [], spec.sparsity if kind != "n:m" else 0.0, prune_n=n, prune_m=m,
-            block_size=spec.block_size, damp=self.damp, sets=self.weighted_batches(), priors=self.dual_priors(),
-            exact=self.reconstruct == "exact",
-        )
-        self.batches = {}
-        return masks
+        return prune_sequentially(self, spec, priors=self.dual_priors())
 
     def dual_priors(self) -> dict[str, torch.Tensor]:
         """``(S / mean S)^dual_exponent`` per target (floored at 1e-6 of the mean), the factor of the

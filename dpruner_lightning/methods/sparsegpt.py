@@ -91,19 +91,27 @@ class SparseGPT(PruningMethod):
     @torch.no_grad()
     def prune(self, spec: MaskSpec) -> dict[str, torch.Tensor]:
         self.check_mask_spec(spec)
-        sets = self.weighted_batches()
-        kind, n, m = parse_granularity(spec.resolved_granularity(self.default_granularity))
-        masks = sequential_sparsegpt(
-            self.model, self.targets, [], spec.sparsity if kind != "n:m" else 0.0,
-            prune_n=n, prune_m=m, block_size=spec.block_size, damp=self.damp, sets=sets,
-            exact=self.reconstruct == "exact",
-        )
-        self.batches = {}  # the calibration activations are no longer needed
-        return masks
+        return prune_sequentially(self, spec)
 
     def __repr__(self) -> str:
         extra = ", reconstruct='exact'" if self.reconstruct == "exact" else ""
         return f"SparseGPT(hessian_mix={self.hessian_mix}, damp={self.damp}{extra})"
+
+
+@torch.no_grad()
+def prune_sequentially(method: PruningMethod, spec: MaskSpec,
+                       priors: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """SparseGPT over ``method``'s targets and collected batches (its ``hessian_mix``, ``damp``, and
+    ``reconstruct: exact`` for exact kept weights), with optional selection ``priors``; returns the
+    masks and frees the batches."""
+    kind, n, m = parse_granularity(spec.resolved_granularity(method.default_granularity))
+    masks = sequential_sparsegpt(
+        method.model, method.targets, [], spec.sparsity if kind != "n:m" else 0.0, prune_n=n, prune_m=m,
+        block_size=spec.block_size, damp=method.damp, sets=method.weighted_batches(), priors=priors,
+        exact=method.reconstruct == "exact",
+    )
+    method.batches = {}  # the calibration activations are no longer needed
+    return masks
 
 
 def sequential_tolerance(shape: tuple[int, int], granularity: str, block_size: int) -> float:
