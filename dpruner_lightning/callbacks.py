@@ -25,9 +25,7 @@ masks; artifacts and ``summary.json`` are written by rank 0 only. Other multi-pr
 
 from __future__ import annotations
 
-import atexit
 import logging
-import resource
 import time
 from pathlib import Path
 
@@ -35,8 +33,11 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from .algorithms.masks import check_realised, mask_sparsity, realised_sparsity
-from .export import atomic_write_json, check_finite, check_replaceable, export_hf_folder, save_sparse_model, save_tensors
+from . import models
+from .export import atomic_write_json, check_finite, check_replaceable
+from .memory import PeakMemory
+from .pruning import check_mask_shapes, check_weights_finite, save_artifacts, save_importance
+from .rundir import claim_run_dir, release_lock
 
 log = logging.getLogger(__name__)
 
@@ -78,30 +79,6 @@ def add_histogram(writer, tag: str, t: torch.Tensor, samples: int, seed: int, st
         log.warning("TensorBoard histogram %s skipped: %s", tag, err)
 
 
-def nonfinite_hint(pl_module) -> str:
-    """The setting that most likely produced NaN / inf in the module's weights, scores or outputs."""
-    method = pl_module.method
-    if pl_module.stage != "dense" and getattr(method, "learning_rate", 0) > 0:  # an SGD pass changed the weights
-        if getattr(method, "update", None) == "sgd":
-            return (f"likely cause: alpha / lambda_reg too large for update='sgd' (alpha={getattr(method, 'alpha', '?')}, "
-                    f"lambda_reg={getattr(method, 'lambda_reg', '?')}): use update='proximal' or a smaller alpha")
-        return (f"likely cause: the SGD pass diverged (learning rate {method.learning_rate}): use a smaller alpha "
-                "or set max_grad_norm")
-    return ("likely cause: an overflow in the model's dtype (float16: use bfloat16 or float32) or non-finite weights "
-            "in the model as loaded")
-
-
-def check_weights_finite(pl_module, what: str) -> None:
-    """Raise :class:`~dpruner_lightning.export.NonFiniteError` naming the first target weight with NaN / inf."""
-    check_finite({n: t.weight for n, t in pl_module.targets.items()}, what, nonfinite_hint(pl_module))
-
-
-def peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
 def all_reduce_sum(trainer: L.Trainer):
     """An in-place sum of a tensor over the trainer's ranks (what :meth:`reduce_across_ranks` receives)."""
     strategy = trainer.strategy
@@ -115,30 +92,10 @@ def all_reduce_sum(trainer: L.Trainer):
     return reduce_
 
 
-_EXIT_HOOK_REGISTERED = False
-
-
-def _destroy_process_group_at_exit() -> None:
-    """Tear the process group down before the interpreter exits: left alive, gloo's worker threads can
-    be destroyed while joinable at exit ("terminate called without an active exception", SIGABRT),
-    which makes ``ddp_spawn`` report a failed worker after a successful run."""
-    global _EXIT_HOOK_REGISTERED
-    if _EXIT_HOOK_REGISTERED:
-        return
-    _EXIT_HOOK_REGISTERED = True
-
-    def destroy() -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    atexit.register(destroy)
-
-
 def check_multi_process(trainer: L.Trainer, pl_module) -> None:
     """Refuse the multi-process setups whose results would not equal one process."""
     if trainer.world_size <= 1:
         return
-    _destroy_process_group_at_exit()
     if not isinstance(trainer.strategy, DDPStrategy):
         raise NotImplementedError(
             f"calibration passes on {trainer.world_size} processes support Lightning's DDP strategies only "
@@ -152,35 +109,94 @@ def check_multi_process(trainer: L.Trainer, pl_module) -> None:
         )
 
 
-class CalibrationPassCallback(L.Callback):
-    def __init__(self, pass_name: str) -> None:
-        self.pass_name = pass_name
+
+
+def _release_process_group(trainer: L.Trainer) -> None:
+    """A spawned DDP worker ends right after its stage: tear its process group down first. Left alive,
+    gloo's threads can be destroyed while joinable at interpreter exit ("terminate called without an
+    active exception", SIGABRT), and ``ddp_spawn`` then reports a failed worker after a good run."""
+    spawned = getattr(trainer.strategy, "_start_method", None) in ("spawn", "fork", "forkserver")
+    if spawned and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def check_schedule(trainer: L.Trainer, pl_module) -> None:
+    """The Trainer must run one epoch per pass epoch and reload the train loader each epoch."""
+    want = pl_module.trainer_kwargs()
+    have = {"max_epochs": trainer.max_epochs, "reload_dataloaders_every_n_epochs": trainer.reload_dataloaders_every_n_epochs}
+    if have != want:
+        raise ValueError(f"this Trainer runs {have}, the method's passes need {want}: build it with "
+                         "L.Trainer(**module.trainer_kwargs(), ...) or call module.configure_trainer(trainer) before fit")
+
+
+def unscale_gradients(trainer: L.Trainer, pl_module) -> bool:
+    """Under ``16-mixed`` Lightning scales the loss in ``manual_backward`` and unscales only when an
+    optimizer steps: divide the target gradients by the scale before any method reads them (the scale
+    would otherwise enter G, S and the step). A non-finite gradient means the scale overflowed: the
+    micro-batch is dropped (gradients cleared) and the scale backed off. Returns whether to go on."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return True
+    scale = float(scaler.get_scale())
+    grads = [t.weight.grad for t in pl_module.targets.values() if t.weight.grad is not None]
+    for g in grads:
+        g.div_(scale)
+    if all(bool(torch.isfinite(g.sum())) for g in grads):
+        return True
+    log.warning("fp16 loss scale %g overflowed: micro-batch skipped, scale lowered", scale)
+    scaler.update(new_scale=scale * scaler.get_backoff_factor())
+    for t in pl_module.targets.values():
+        t.weight.grad = None
+    return False
+
+
+class CalibrationPasses(L.Callback):
+    """Drives the method's passes: tells the datamodule which calibration set to serve, starts each
+    pass, hands every micro-batch's gradients to the method, ends the pass (summing accumulators over
+    ranks first), checks weights and scores are finite, saves the pass's importance at once (so an
+    interruption of a later pass keeps it), and logs time, peak memory and histograms."""
+
+    def __init__(self) -> None:
         self._t0 = 0.0
         self._validation_seconds = 0.0  # Lightning validates inside the epoch: not part of the pass
         self._v0: float | None = None
-
-    def state_dict(self) -> dict:
-        return {"pass_name": self.pass_name}
-
-    def _mine(self, module) -> bool:
-        return module.current_pass.name == self.pass_name
-
-    def _epochs(self, module) -> list[int]:
-        return [i for i, p in enumerate(module.schedule) if p.name == self.pass_name]
+        self._memory: PeakMemory | None = None
+        self._drawn: set[str] = set()  # artifact groups already drawn in TensorBoard
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            check_multi_process(trainer, pl_module)
-            # One epoch per pass epoch, and a fresh train loader each epoch (general, then domain data).
-            trainer.fit_loop.max_epochs = len(pl_module.schedule)
-            trainer.reload_dataloaders_every_n_epochs = 1
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "use_tokenizer"):
+            models.check_seq_len(pl_module.model_spec, datamodule.seq_len)  # before any tokenising
+            datamodule.use_tokenizer(pl_module.tokenizer)
+            datamodule.prepare_blocks()  # too-short text fails now, before the model is loaded
+        if stage != "fit":
+            return
+        check_multi_process(trainer, pl_module)
+        check_schedule(trainer, pl_module)
+        self._serve(trainer, pl_module, 0)
+
+    @staticmethod
+    def _serve(trainer: L.Trainer, pl_module, epoch: int) -> None:
+        """Lightning requests an epoch's train loader before ``on_train_epoch_start``: say the source first."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "serve") and epoch < len(pl_module.schedule):
+            datamodule.serve(pl_module.schedule[epoch].source)
+
+    @staticmethod
+    def _first_and_last(pl_module, epoch: int) -> tuple[bool, bool]:
+        schedule = pl_module.schedule
+        name = schedule[epoch].name
+        return (epoch == 0 or schedule[epoch - 1].name != name,
+                epoch == len(schedule) - 1 or schedule[epoch + 1].name != name)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
-        if self._mine(pl_module) and trainer.current_epoch == self._epochs(pl_module)[0]:
-            log.info("pass %r: %s", self.pass_name, pl_module.current_pass)
+        if self._first_and_last(pl_module, trainer.current_epoch)[0]:
+            p = pl_module.current_pass
+            log.info("pass %r: %s", p.name, p)
+            self._memory = PeakMemory().__enter__()
             self._t0 = time.perf_counter()
             self._validation_seconds = 0.0
-            pl_module.method.start_pass(pl_module.current_pass)
+            pl_module.method.start_pass(p)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.state.fn == "fit":
@@ -192,13 +208,16 @@ class CalibrationPassCallback(L.Callback):
             self._v0 = None
 
     def on_after_backward(self, trainer: L.Trainer, pl_module) -> None:
-        if self._mine(pl_module):
-            stats = pl_module.method.after_backward(pl_module.current_pass)
-            if stats:
-                pl_module.log_dict(stats, on_step=True, on_epoch=False)
+        if not unscale_gradients(trainer, pl_module):
+            return  # an overflowed fp16 micro-batch: skipped, as the loss scaler would skip its step
+        stats = pl_module.method.after_backward(pl_module.current_pass)
+        if stats:
+            pl_module.log_dict(stats, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not (self._mine(pl_module) and trainer.current_epoch == self._epochs(pl_module)[-1]):
+        epoch = trainer.current_epoch
+        self._serve(trainer, pl_module, epoch + 1)
+        if not self._first_and_last(pl_module, epoch)[1]:
             return
         p = pl_module.current_pass
         if trainer.world_size > 1:  # every rank accumulated its own batches: sum them before scoring
@@ -206,36 +225,37 @@ class CalibrationPassCallback(L.Callback):
         pl_module.method.end_pass(p)
         seconds = time.perf_counter() - self._t0 - self._validation_seconds
         pl_module.phase_seconds[p.name] = seconds
+        if self._memory is not None:
+            self._memory.__exit__(None, None, None)
+            pl_module.peak_memory[p.name], pl_module.peak_memory_kind = self._memory.peak_bytes, self._memory.kind
         # NaN / inf stop the run here, naming the matrix, rather than reach the masks and the exports.
-        check_weights_finite(pl_module, f"target weights after pass {p.name!r}")
+        hint = pl_module.nonfinite_hint()
+        check_weights_finite(pl_module.targets, f"target weights after pass {p.name!r}", hint)
         artifacts = {k: v for k, v in pl_module.method.artifacts().items() if v}
         for group, tensors in artifacts.items():
-            check_finite(tensors, f"{group} after pass {p.name!r}", nonfinite_hint(pl_module))
+            check_finite(tensors, f"{group} after pass {p.name!r}", hint)
+        new = {k: v for k, v in artifacts.items() if k not in self._drawn}  # what this pass produced
+        self._drawn.update(new)
+        out = run_dir(trainer)  # a collective: on every rank
+        if pl_module.output.save_importance and new and trainer.is_global_zero:
+            pl_module.artifacts.update(save_importance(out, pl_module.method, new))
         writer = tensorboard(trainer)
         if writer is not None:
             writer.add_scalar(f"time/{p.name}_seconds", seconds, trainer.global_step)
-            # Only the groups this pass produced: earlier passes' tensors were drawn when they ended.
-            artifacts = {k: v for k, v in artifacts.items() if k not in pl_module.histograms_logged}
-            pl_module.histograms_logged.update(artifacts)
-            for group, tensors in artifacts.items():
+            for group, tensors in new.items():
                 for i, (name, t) in enumerate(tensors.items()):
-                    add_histogram(writer, f"{group}/{name}", t, pl_module.output.histogram_samples, i, trainer.current_epoch)
+                    add_histogram(writer, f"{group}/{name}", t, pl_module.output.histogram_samples, i, epoch)
 
-
-def structured_report(report: dict, pl_module) -> dict:
-    """:func:`realised_sparsity`'s report of a structurally pruned model, re-expressed as the fraction of
-    the ORIGINAL target / all parameters removed (zeros inside the remaining weights are not counted)."""
-    dense = pl_module.dense_parameters
-    per_matrix = {n: 1.0 - pl_module.targets[n].numel() / (rows * cols) for n, (rows, cols) in pl_module.dense_shapes.items()}
-    return dict(report, per_matrix=per_matrix,
-                targets=1.0 - report["target_parameters"] / max(1, dense["targets"]),
-                all_parameters=1.0 - report["all_parameter_count"] / max(1, dense["all"]))
+    def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        _release_process_group(trainer)
 
 
 class MaskApplication(L.Callback):
-    """Apply the masks at the end of fit (unless the module's passes are being run step by step)."""
+    """At the end of fit (unless the passes are being run step by step): choose, check and apply the
+    masks with the pruning core, log the sparsity per matrix, and save the artifacts (rank 0)."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        check_mask_shapes(pl_module.targets, pl_module.mask_spec, pl_module.method)  # before any pass
         # Refuse an export folder holding the user's files now, not after the calibration passes.
         out, spec = run_dir(trainer), pl_module.output  # run_dir: a collective, on every rank
         if pl_module.apply_masks_at_end:
@@ -244,104 +264,78 @@ class MaskApplication(L.Callback):
                     check_replaceable(out / name)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        if pl_module.apply_masks_at_end:
-            finalize_pruning(trainer, pl_module)
-
-
-def finalize_pruning(trainer: L.Trainer, pl_module) -> None:
-    """Choose and apply the masks, check the realised sparsity, log it and save the artifacts."""
-    t0 = time.perf_counter()
-    masks = pl_module.apply_pruning()
-    pl_module.phase_seconds["mask"] = time.perf_counter() - t0
-    check_weights_finite(pl_module, "target weights after pruning")  # what would be exported
-    weights = {n: t.weight_view() for n, t in pl_module.targets.items()}
-    report = realised_sparsity(pl_module.model, weights)
-    spec, method = pl_module.mask_spec, pl_module.method
-    granularity = spec.resolved_granularity(method.default_granularity)
-    structured = method.structured
-    if structured:  # shapes shrank: "sparsity" = fraction of the original parameters removed
-        report = structured_report(report, pl_module)
-        granularity = "structured"
-    if masks:  # a structured method returns none: nothing to check against
-        requested = {n: mask_sparsity(k) for n, k in masks.items()}
-        shapes = {n: tuple(k.shape) for n, k in masks.items()}
-        check_realised(report["per_matrix"], requested, shapes, "layer", spec.block_size)
-        _check_request(report, requested, shapes, spec, granularity, method)
-    dense = pl_module.dense_parameters
-    pl_module.summary.update(
-        method=method.name,
-        method_repr=repr(method),
-        granularity=granularity,
-        allocation=spec.allocation,
-        sparsity_target=spec.target_sparsity(method.default_granularity),
-        sparsity_realised={"targets": report["targets"], "all_parameters": report["all_parameters"]},
-        parameters={"targets": report["target_parameters"], "all": report["all_parameter_count"],
-                    "targets_dense": dense.get("targets"), "all_dense": dense.get("all")},
-    )
-    if structured:
-        pl_module.summary["structured"] = dict(method.plan_summary,
-                                               reload="dpruner_lightning.algorithms.structured.load_structured_pruned")
-    writer = tensorboard(trainer) if trainer is not None else None
-    if writer is not None:
-        for i, (name, s) in enumerate(report["per_matrix"].items()):
-            writer.add_scalar(f"sparsity/{name}", s, 0)
-            writer.add_scalar("sparsity/by_target_index", s, i)
-        writer.add_scalar("sparsity/targets", report["targets"], 0)
-        writer.add_scalar("sparsity/all_parameters", report["all_parameters"], 0)
-    if trainer is not None:
-        _save_artifacts(trainer, pl_module, masks)
-    pl_module.summary["peak_memory_bytes"] = peak_memory_bytes()
-    pl_module.summary["seconds"] = dict(pl_module.phase_seconds)
-    if trainer is not None:
-        RunSummary.write(trainer, pl_module)
-    log.info("pruned: %.4f of target weights, %.4f of all parameters are %s", report["targets"],
-             report["all_parameters"], "removed" if structured else "zero")
-
-
-def _check_request(report, requested, shapes, spec, granularity, method) -> None:
-    target = spec.target_sparsity(method.default_granularity)
-    # A method whose selection rounds differently (SparseGPT floors per column block) says how much.
-    tolerance = method.tolerance
-    if spec.allocation == "uniform" and granularity != "global":
-        off = {n: s for n, s in requested.items() if abs(s - target) > tolerance(shapes[n], granularity, spec.block_size)}
-        if off:
-            raise RuntimeError(f"masks do not match the requested sparsity {target}: {dict(list(off.items())[:5])}")
-    elif abs(report["targets"] - target) > 0.01:
-        raise RuntimeError(f"overall target sparsity {report['targets']:.4f} is off the request {target}")
-
-
-def _save_artifacts(trainer: L.Trainer, pl_module, masks) -> None:
-    out, spec = run_dir(trainer), pl_module.output
-    if not trainer.is_global_zero:  # every rank holds the same results: rank 0 writes them
-        return
-    if spec.save_importance:
-        for group, tensors in pl_module.method.artifacts().items():
-            if tensors:
-                save_tensors(out / f"{group}.safetensors", tensors, {"method": pl_module.method.name})
-    if spec.save_masks and masks:
-        save_tensors(out / "masks.safetensors", masks, {"layout": "out x in, 1 = kept"})
-    if spec.export_model:
-        export_hf_folder(pl_module.model, pl_module.tokenizer, out / "pruned_model")
-        pl_module.summary["pruned_model"] = str(out / "pruned_model")
-    if spec.export_sparse and masks:
-        save_sparse_model(pl_module.model, list(pl_module.targets), pl_module.tokenizer, out / "sparse_model")
-        pl_module.summary["sparse_model"] = str(out / "sparse_model")
+        if not pl_module.apply_masks_at_end:
+            return
+        with PeakMemory() as memory:
+            result = pl_module.apply_pruning()
+        pl_module.phase_seconds["mask"] = result.seconds
+        pl_module.peak_memory["mask"], pl_module.peak_memory_kind = memory.peak_bytes, memory.kind
+        writer = tensorboard(trainer)
+        if writer is not None:
+            for i, (name, s) in enumerate(result.per_matrix.items()):
+                writer.add_scalar(f"sparsity/{name}", s, 0)
+                writer.add_scalar("sparsity/by_target_index", s, i)
+            writer.add_scalar("sparsity/targets", result.sparsity_realised["targets"], 0)
+            writer.add_scalar("sparsity/all_parameters", result.sparsity_realised["all_parameters"], 0)
+        out = run_dir(trainer)
+        if trainer.is_global_zero:  # every rank holds the same results: rank 0 writes them
+            pl_module.artifacts.update(save_artifacts(out, result, pl_module.model, pl_module.tokenizer,
+                                                      pl_module.method, pl_module.output))
+        pl_module.method.release()  # W0 copies, collected batches: not needed past this point
+        RunSummary.write(trainer, pl_module, "complete")
 
 
 class RunSummary(L.Callback):
-    """Rewrites ``summary.json`` whenever a validation adds perplexities."""
+    """Owns the run folder (see :mod:`~dpruner_lightning.rundir`): claims it when a stage starts,
+    keeps ``summary.json`` up to date with a ``status``, records failures, and releases the lock."""
 
     @staticmethod
-    def write(trainer: L.Trainer, pl_module) -> None:
+    def write(trainer: L.Trainer, pl_module, status: str, **extra) -> None:
         out = run_dir(trainer)  # on every rank (a collective), then rank 0 writes
-        if not trainer.is_global_zero:
-            return
-        summary = dict(pl_module.summary)
-        summary["perplexity"] = {stage: dict(v) for stage, v in pl_module.perplexities.items()}
-        atomic_write_json(out / "summary.json", summary)
+        if trainer.is_global_zero:
+            atomic_write_json(out / "summary.json", {**pl_module.run_summary(), "status": status, **extra})
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        out = run_dir(trainer)  # a collective: on every rank
+        if trainer.is_global_zero:
+            claim_run_dir(out, pl_module.output.overwrite)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not pl_module.apply_masks_at_end:  # passes run step by step: this one is done
+            RunSummary.write(trainer, pl_module, "complete", stage="fit")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        RunSummary.write(trainer, pl_module, "running", stage="fit")
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "eval_names"):
+            pl_module.eval_names = tuple(datamodule.eval_names)  # which set each loader holds, in order
+        if trainer.state.fn != "fit":  # a validation inside fit is part of the fit stage
+            self._memory = PeakMemory().__enter__()
+            RunSummary.write(trainer, pl_module, "running", stage="validate")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.state.fn == "fit":
             return
-        pl_module.summary.setdefault("method", pl_module.method.name)
-        RunSummary.write(trainer, pl_module)
+        self._memory.__exit__(None, None, None)
+        pl_module.peak_memory[f"validate_{pl_module.stage}"] = self._memory.peak_bytes
+        pl_module.peak_memory_kind = self._memory.kind
+        RunSummary.write(trainer, pl_module, "complete")
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        if not trainer.is_global_zero:
+            return
+        try:  # no collective here: the other ranks may not have failed
+            out = Path(trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir)
+            summary = {**pl_module.run_summary(), "status": status, "error": f"{type(exception).__name__}: {exception}"}
+            atomic_write_json(out / "summary.json", summary)
+            release_lock(out)
+        except Exception:  # the original error matters more than a summary we could not write
+            log.exception("could not record the %s run in summary.json", status)
+
+    def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        out = run_dir(trainer)  # a collective: on every rank
+        if trainer.is_global_zero:
+            release_lock(out)

@@ -27,15 +27,22 @@ dense perplexity is the ``dense`` row's), then scores the row's model on each ``
 (presets and keys: :mod:`tasks`; columns ``task_<name>`` and ``tasks``), and the table lands in
 ``<output_dir>/comparison.{md,json}`` (``sweep.{md,json}``) and in TensorBoard as text. Columns and formulas: :mod:`comparison_report`.
 
-The brief's Python API on the same functions, :class:`~dpruner_lightning.benchmark.BenchmarkSuite` and
-:class:`~dpruner_lightning.benchmark.ExperimentRunner`, lives in :mod:`benchmark` (also importable from here).
+Restarts: every row is keyed by a hash of its resolved config (and the tasks). A restart into the same
+``output_dir`` keeps the rows already finished there (they are not run again), re-runs failed or
+missing ones, and refuses a row whose name was run with another config; while rows are missing, the
+table's title says "k of N rows".
+
+The Python API on the same functions, :class:`~dpruner_lightning.benchmark.BenchmarkSuite` and
+:class:`~dpruner_lightning.benchmark.ExperimentRunner`, lives in :mod:`benchmark`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import importlib
+import json
 import logging
 import re
 import time
@@ -48,8 +55,10 @@ import lightning as L
 import yaml
 
 from .algorithms.masks import parse_granularity, realised_sparsity
-from .comparison_report import PeakMemory, compression_ratio, generate_comparison_report, release_memory, write_results
+from .comparison_report import compression_ratio, generate_comparison_report, write_results
 from .data import CalibrationDataModule
+from .lightning_cli import DPrunerCLI
+from .memory import release_memory
 from .methods import METHODS, DPrunerMethod, method_class
 from .tasks import TaskSpec, build_task, calibration_texts, evaluate_task, parse_task_specs
 
@@ -61,15 +70,6 @@ _COMPARE_KEYS = {"methods", "output_dir", "save_artifacts", "title", "tasks"}
 _SWEEP_KEYS = _COMPARE_KEYS | {"sparsities", "lambda_values", "alpha_values", "include_dense"}
 
 __all__ = ["generate_comparison_report", "load_config", "run_subcommand", "validate_config"]
-
-
-def __getattr__(name: str) -> Any:
-    """The API classes live in :mod:`benchmark` (which imports this module); import them lazily."""
-    if name in ("BenchmarkSuite", "ExperimentRunner"):
-        from . import benchmark
-
-        return getattr(benchmark, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -94,8 +94,6 @@ def split_config(path: str | Path) -> tuple[dict, dict]:
 
 def instantiate(config: dict, what: str = "config"):
     """Validate and instantiate a fit config with the machinery of ``dpruner fit`` (no run)."""
-    from .cli import DPrunerCLI
-
     try:
         with warnings.catch_warnings():  # args given as a dict, on purpose: sys.argv is the compare command's
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
@@ -229,41 +227,62 @@ def sweep_rows(section: dict, base: dict) -> list[Row]:
     return _unique(rows)
 
 
+#: Rows skip the per-epoch validation during fit: the dense row measures the dense model once.
+NO_EPOCH_VALIDATION = 10**9
+
+
+def row_folder(row: Row) -> str:
+    """The row's log directory name under the output directory."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", row.label)
+
+
+def row_method(row: Row):
+    """The row's method object (the dense row: magnitude, never run, keeps the module free of constraints)."""
+    entry = row.method or {"class_path": "dpruner_lightning.methods.MagnitudeMethod", "init_args": {}}
+    cls = _resolve(entry["class_path"])
+    try:
+        return cls(**entry.get("init_args", {}))
+    except TypeError as err:
+        raise ValueError(f"row {row.label!r}: {err}") from err
+
+
 def row_config(base: dict, row: Row, output_dir: Path, save_artifacts: bool) -> dict:
     """The fit config of one row: its method and mask, and its own TensorBoard log directory."""
     config = copy.deepcopy(base)
     model = _model_section(config)
     # The dense row only validates; a data-free method keeps its instantiation free of constraints.
-    model["method"] = row.method or {"class_path": "dpruner_lightning.methods.Magnitude"}
+    model["method"] = row.method or {"class_path": "dpruner_lightning.methods.MagnitudeMethod"}
     if row.mask:
         model["mask"] = {**(model.get("mask") or {}), **row.mask}
+    # The row folders belong to this comparison: an unfinished row of an earlier attempt is replaced.
+    model["output"] = {**(model.get("output") or {}), "overwrite": True}
     if not save_artifacts:  # seven exported 135M models are 3 GB nobody asked for
-        model["output"] = {**(model.get("output") or {}), "save_importance": False, "save_masks": False, "export_model": False}
+        model["output"].update(save_importance=False, save_masks=False, export_model=False)
     trainer = config.get("trainer") or {}
     config["trainer"] = trainer
-    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", row.label)
     trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                         "init_args": {"save_dir": str(output_dir), "name": slug, "version": ""}}
-    trainer["check_val_every_n_epoch"] = 10**9  # skip per-epoch validation: the dense row measures it once
+                         "init_args": {"save_dir": str(output_dir), "name": row_folder(row), "version": ""}}
+    trainer["check_val_every_n_epoch"] = NO_EPOCH_VALIDATION
     return config
 
 
 # -- running ---------------------------------------------------------------------------------------
-def _row_metrics(row: Row, module, trainer, seconds: float, memory: PeakMemory) -> dict:
-    summary = module.summary
-    if row.method is None:  # dense: measure, do not assume, the zeros it already has
+def _row_metrics(row: Row, module, trainer, seconds: float) -> dict:
+    result = module.result
+    if result is None:  # dense: measure, do not assume, the zeros it already has
         weights = {n: t.weight_view() for n, t in module.targets.items()}
         report = realised_sparsity(module.model, weights)
         realised = {"targets": report["targets"], "all_parameters": report["all_parameters"]}
         params = {"targets": report["target_parameters"], "all": report["all_parameter_count"]}
     else:
-        realised, params = summary["sparsity_realised"], summary["parameters"]
+        realised, params = result.sparsity_realised, result.parameters
     ppl = module.perplexities.get(module.stage, {})
     phases = {k: round(v, 3) for k, v in module.phase_seconds.items()}
+    peak = max(module.peak_memory.values(), default=0)
     return {
         "method_repr": repr(module.method) if row.method else DENSE,
-        "granularity": summary.get("granularity"),
-        "sparsity_target": summary.get("sparsity_target", 0.0),
+        "granularity": result.granularity if result else None,
+        "sparsity_target": result.sparsity_target if result else 0.0,
         "sparsity_targets": realised["targets"],
         "sparsity_all": realised["all_parameters"],
         "ppl_domain": ppl.get("domain"),
@@ -271,13 +290,13 @@ def _row_metrics(row: Row, module, trainer, seconds: float, memory: PeakMemory) 
         "seconds_total": round(seconds, 3),
         "seconds_prune": round(sum(module.phase_seconds.values()), 3),
         "seconds_phases": phases,
-        "peak_memory_bytes": memory.peak_bytes,
-        "peak_memory_delta_bytes": memory.peak_bytes - memory.start_bytes,
-        "peak_memory_mib": memory.peak_bytes / 2**20,
-        "peak_memory_kind": memory.kind,
+        "peak_memory_bytes": peak,
+        "peak_memory_by_phase": dict(module.peak_memory),
+        "peak_memory_mib": peak / 2**20,
+        "peak_memory_kind": module.peak_memory_kind,
         "compression_ratio": compression_ratio(module),
         "parameters": params,
-        "structured": summary.get("structured"),
+        "structured": result.structured if result else None,
         "log_dir": trainer.log_dir,
     }
 
@@ -302,23 +321,33 @@ def _task_metrics(module, tasks: Sequence[tuple[TaskSpec, Any]]) -> dict:
     return {**columns, "tasks": out, "seconds_tasks": round(time.perf_counter() - t0, 3)}
 
 
-def run_row(row: Row, cli, datamodule: CalibrationDataModule, seed: Optional[int],
+@dataclass
+class RowRun:
+    """One row, instantiated and ready to run: its module, its trainer (own log directory) and the key
+    of its resolved configuration (restarts match finished rows by it)."""
+
+    module: Any
+    trainer: L.Trainer
+    key: str
+
+
+def run_row(row: Row, run: RowRun, datamodule: CalibrationDataModule, seed: Optional[int],
             tasks: Sequence[tuple[TaskSpec, Any]] = ()) -> dict:
     """``fit`` (not for the dense row) then ``validate`` one row, then its tasks; failures become an
     ``error`` field (the metrics measured before the failure stay)."""
-    module, trainer = cli.model, cli.trainer
+    module, trainer = run.module, run.trainer
     if isinstance(seed, int) and not isinstance(seed, bool):
         L.seed_everything(seed, verbose=False)
     result: dict = {"method": row.label, **row.info}
     log.info("=== %s ===", row.label)
     try:
-        with PeakMemory() as memory:
-            t0 = time.perf_counter()
-            if row.method is not None:
-                trainer.fit(module, datamodule=datamodule)
-            trainer.validate(module, datamodule=datamodule, verbose=False)
-            seconds = time.perf_counter() - t0
-        result.update(_row_metrics(row, module, trainer, seconds, memory))
+        t0 = time.perf_counter()
+        if row.method is not None:
+            module.configure_trainer(trainer)
+            trainer.fit(module, datamodule=datamodule)
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        seconds = time.perf_counter() - t0
+        result.update(_row_metrics(row, module, trainer, seconds))
         result.update(_task_metrics(module, tasks))
     except Exception as err:  # one broken method must not lose the other rows of a long comparison
         log.exception("row %r failed", row.label)
@@ -326,33 +355,71 @@ def run_row(row: Row, cli, datamodule: CalibrationDataModule, seed: Optional[int
     return result
 
 
-def run_rows(base: dict, rows: Sequence[Row], output_dir: str | Path, stem: str, meta: dict,
-             save_artifacts: bool = False, tasks: Sequence[TaskSpec] = ()) -> list[dict]:
-    """Validate every row and load every task, then run the rows one by one on one shared datamodule;
-    write the results."""
+def cli_rows(base: dict, rows: Sequence[Row], output_dir: Path, save_artifacts: bool,
+             tasks: Sequence[TaskSpec] = ()) -> tuple[list[RowRun], CalibrationDataModule, Optional[int]]:
+    """Every row of a YAML config instantiated by the ``dpruner fit`` parser (so validated), the
+    datamodule they share and the seed."""
+    configs = [row_config(base, r, output_dir, save_artifacts) for r in rows]
+    clis = [instantiate(c, f"row {r.label!r}") for c, r in zip(configs, rows)]
+    runs = [RowRun(cli.model, cli.trainer, row_key(c, tasks)) for cli, c in zip(clis, configs)]
+    return runs, clis[0].datamodule, clis[0].config.get("seed_everything")
+
+
+def run_rows(rows: Sequence[Row], runs: list[RowRun], datamodule: CalibrationDataModule, seed: Optional[int],
+             output_dir: str | Path, stem: str, meta: dict, tasks: Sequence[TaskSpec] = ()) -> list[dict]:
+    """Load every task, then run the rows one by one on the one shared datamodule (tokenised once);
+    rows finished in an earlier run into ``output_dir`` are kept, not run again. Writes the results."""
     output_dir = Path(output_dir)
-    clis = [instantiate(row_config(base, r, output_dir, save_artifacts), f"row {r.label!r}") for r in rows]
-    datamodule = clis[0].datamodule  # tokenised once (its setup is idempotent), shared by every row
-    seed = clis[0].config.get("seed_everything")
-    built = build_tasks(tasks, datamodule)
+    results, done = finished_rows(output_dir / f"{stem}.json", rows, [r.key for r in runs])
+    built = build_tasks(tasks, datamodule) if len(done) < len(rows) else []
     meta = {**meta, "output_dir": str(output_dir), "rows_planned": [r.label for r in rows]}
     if built:
         meta["tasks"] = {spec.name: {"preset": spec.preset, "n": len(task.records), "max_length": spec.max_length,
                                      "source": spec.source.describe() if spec.source else "built-in"}
                          for spec, task in built}
-    results: list[dict] = []
     for i, row in enumerate(rows):
-        cli, clis[i] = clis[i], None
-        results.append(run_row(row, cli, datamodule, seed, built))
+        run, runs[i] = runs[i], None
+        if row.label in done:
+            log.info("row %r finished in an earlier run of %s: kept", row.label, output_dir)
+            continue
+        results = [r for r in results if r.get("method") != row.label]  # an earlier failed attempt
+        results.append({**run_row(row, run, datamodule, seed, built), "config_key": run.key})
         write_results(output_dir, stem, results, meta, tensorboard=False)  # partial results survive a crash
         # Free this row's model and method state before the next row loads its own: the shared
         # datamodule still points at this row's trainer (and so at its module).
         datamodule.trainer = None
-        del cli
+        del run
         release_memory()
     markdown = write_results(output_dir, stem, results, meta, tensorboard=True)
     log.info("results in %s:\n%s", output_dir, markdown)
     return results
+
+
+def row_key(config: dict, tasks: Sequence[TaskSpec] = ()) -> str:
+    """A hash of a row's resolved config and the tasks it is scored on (restarts match rows by it)."""
+    text = json.dumps({"config": config, "tasks": [repr(t) for t in tasks]}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def finished_rows(path: Path, rows: Sequence[Row], keys: Sequence[str]) -> tuple[list[dict], set[str]]:
+    """``(rows already in the results file at path, labels of those finished with the same config)``.
+    A row of the same name run with another config is an error: its results would be replaced."""
+    try:
+        previous = json.loads(path.read_text()).get("rows", [])
+    except FileNotFoundError:
+        return [], set()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} exists but cannot be read ({err}): move it away to start afresh") from err
+    planned = {r.label: k for r, k in zip(rows, keys)}
+    done = set()
+    for old in previous:
+        label, key = old.get("method"), old.get("config_key")
+        if label in planned and key != planned[label]:
+            raise FileExistsError(f"{path} holds a row {label!r} run with another config: give this run another "
+                                  "output_dir (or move the old results away) rather than mixing them")
+        if label in planned and not old.get("error"):
+            done.add(label)
+    return list(previous), done
 
 
 def run_subcommand(name: str, argv: Sequence[str]) -> list[dict]:
@@ -369,8 +436,9 @@ def run_subcommand(name: str, argv: Sequence[str]) -> list[dict]:
     tasks = parse_task_specs(section.get("tasks"), f"{name}.tasks")
     output_dir = Path(args.output_dir or section.get("output_dir") or f"runs/{name}_{Path(args.config).stem}")
     meta = {"title": section.get("title") or f"dpruner {name}: {Path(args.config).name}", "config": str(args.config)}
-    results = run_rows(base, rows, output_dir, "comparison" if name == "compare" else "sweep", meta,
-                       save_artifacts=bool(section.get("save_artifacts", False)), tasks=tasks)
+    runs, datamodule, seed = cli_rows(base, rows, output_dir, bool(section.get("save_artifacts", False)), tasks)
+    results = run_rows(rows, runs, datamodule, seed, output_dir, "comparison" if name == "compare" else "sweep", meta,
+                       tasks=tasks)
     failed = [r["method"] for r in results if r.get("error")]
     if failed:
         raise RuntimeError(f"{len(failed)} row(s) failed: {failed}; see the log and {output_dir}")

@@ -14,22 +14,14 @@ storage that actually exploits the pruning:
 * structured (shapes shrank): dense parameter count / remaining parameter count;
 * the dense model: 1.0.
 
-Peak memory (see :class:`PeakMemory`): on CUDA the device's peak allocated bytes, reset before each row.
-On CPU (Linux) the process's peak resident set (``VmHWM``), reset before each row through
-``/proc/self/clear_refs``; where that reset is not allowed the only number left is the process-wide
-``ru_maxrss``, which never decreases, so later rows inherit earlier peaks: the JSON says which kind
-each row has (``peak_memory_kind``). RSS includes the Python runtime, the libraries, the tokenised data
-and memory the allocator keeps after earlier rows: compare rows with each other, not with a model size.
+Peak memory: the largest of the row's per-phase peaks (passes, masks, validation), measured by
+:class:`~dpruner_lightning.memory.PeakMemory` (its docstring says what each ``peak_memory_kind`` is).
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import math
-import re
-import resource
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,62 +32,12 @@ from .export import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 
-def _vm_kib(field: str) -> Optional[int]:
-    try:
-        m = re.search(rf"^{field}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-class PeakMemory:
-    """Context manager measuring the peak memory of the code it wraps (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.kind = "unknown"
-        self.start_bytes = 0
-        self.peak_bytes = 0
-
-    def __enter__(self) -> "PeakMemory":
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-            self.kind, self.start_bytes = "cuda_max_allocated", int(torch.cuda.memory_allocated())
-            return self
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to the current RSS
-            self.kind = "cpu_peak_rss"
-        except OSError:
-            self.kind = "cpu_process_max_rss_monotone"
-        self.start_bytes = (_vm_kib("VmRSS") or 0) * 1024
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.kind == "cuda_max_allocated":
-            self.peak_bytes = int(torch.cuda.max_memory_allocated())
-        elif self.kind == "cpu_peak_rss" and _vm_kib("VmHWM") is not None:
-            self.peak_bytes = _vm_kib("VmHWM") * 1024
-        else:
-            self.peak_bytes = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise), so the
-    next row's peak RSS starts from what is really alive."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 @torch.no_grad()
 def compression_ratio(module) -> float:
     """Dense bytes / bytes of a storage exploiting the pruning (formula in the module docstring)."""
     params = list(module.model.parameters())
     if module.method.structured:
-        return module.dense_parameters["all"] / max(1, sum(p.numel() for p in params))
+        return module.dense.parameters["all"] / max(1, sum(p.numel() for p in params))
     if not module.pruned:
         return 1.0
     dense_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -173,8 +115,14 @@ def generate_comparison_report(results: list[dict], title: Optional[str] = None)
 
 
 def write_results(output_dir: Path, stem: str, rows: list[dict], meta: dict, tensorboard: bool = True) -> str:
-    """Write ``<stem>.json`` and ``<stem>.md`` atomically (and the table as TensorBoard text); returns the markdown."""
-    markdown = generate_comparison_report(rows, title=meta.get("title"))
+    """Write ``<stem>.json`` and ``<stem>.md`` atomically (and the table as TensorBoard text); returns the
+    markdown. While rows are missing (``meta['rows_planned']``), the title says "k of N rows"."""
+    planned = meta.get("rows_planned") or []
+    done = {r.get("method") for r in rows}
+    title = meta.get("title") or ""
+    if planned and not set(planned) <= done:
+        title = f"{title} (partial: {len(set(planned) & done)} of {len(planned)} rows)".strip()
+    markdown = generate_comparison_report(rows, title=title or None)
     atomic_write_json(output_dir / f"{stem}.json", {**meta, "rows": rows})
     atomic_write_text(output_dir / f"{stem}.md", markdown)
     if tensorboard:

@@ -105,3 +105,6 @@ class OutputSpec:
     bf16 at 50% sparsity); ``dpruner_lightning.export.load_sparse_model`` restores it."""
     histogram_samples: int = 1_000_000
     """Values subsampled per tensor for TensorBoard histograms."""
+    overwrite: bool = False
+    """A run folder that already holds a run (a fixed logger ``version``) is refused; ``true`` removes
+    what that run wrote (summary, importance, masks, exports, event files) and keeps anything else."""

@@ -7,15 +7,21 @@ so each one can be tested on a hand-written snippet:
 * :func:`iter_pubmed_abstracts`: PubMed/MEDLINE XML -> "title\\n\\nabstract";
 * :func:`iter_pubmed_records` / :func:`clean_pubmed_records`: the same XML -> ``{"title", "abstract"}``;
 * :func:`strip_yaml_header`: ScanCode ``*.LICENSE`` file -> licence text;
-* :func:`clean_documents`: drop short documents and exact duplicates.
+* :func:`clean_documents`: drop short documents and exact duplicates;
+* :func:`decode_file` / :func:`jsonl_records`: a user's local text file -> text -> records, with
+  errors that name the file, the byte offset or line, and the fix;
+* :func:`document_hash`: the identity of a document for the calibration / evaluation overlap checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import IO
 
 MIN_DOC_CHARS = 200
@@ -228,3 +234,74 @@ def clean_documents(docs: Iterable[str], min_chars: int = MIN_DOC_CHARS) -> list
             seen.add(doc)
             out.append(doc)
     return out
+
+
+def checked_texts(texts) -> list[str]:
+    """``texts`` as a list, refusing what is not a list of strings."""
+    # A bare string is iterable: without this check it would silently become one document per character.
+    if isinstance(texts, (str, bytes)):
+        raise ValueError(f"texts must be a list of strings, got a {type(texts).__name__}: wrap it in a list "
+                         "(texts=[text]) to make it one document")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise ValueError(f"texts must be a list of strings, got a {type(texts).__name__}") from None
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"texts[{i}] is a {type(text).__name__}, not a str: every item of texts must be "
+                             "the text of one document (convert it with str(), or drop it)")
+    return texts
+
+
+def shared_documents(docs: Iterable[str], others: Iterable[str]) -> set[int]:
+    """Indices of ``docs`` whose text (by :func:`document_hash`) is also one of ``others``."""
+    seen = {document_hash(d) for d in others}
+    return {i for i, d in enumerate(docs) if document_hash(d) in seen}
+
+
+def document_hash(text: str) -> str:
+    """Identity of a document for overlap checks: sha256 of its stripped text."""
+    return hashlib.sha256(text.strip().encode("utf-8")).hexdigest()
+
+
+# --- Local files ----------------------------------------------------------------------------------
+
+
+def decode_file(path: Path, encoding: str = "utf-8", where: str = "data.<source>") -> str:
+    """The file's text in ``encoding``, newlines normalised as text-mode reading does. ``where`` is the
+    source's place in the YAML config, so the error can name the option to set."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid {encoding} text: the byte 0x{data[err.start]:02x} at byte offset {err.start} "
+            f"cannot be decoded ({err.reason}). Set the file's encoding on this source, e.g. `encoding: latin-1` "
+            f"({where}.encoding in the YAML config, TextSource(encoding=...) in Python)"
+        ) from err
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def jsonl_records(text: str, path: Path) -> list[dict]:
+    """One JSON object per non-blank line of ``text`` (read from ``path``, which errors name)."""
+    records = []
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 or \x85, on which splitlines() would
+    # cut a record in two (and shift every line number after it).
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            # Parsed one line at a time, err.lineno is always 1: report the line of the file instead.
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno}). Each line "
+                             "of a .jsonl file must hold one complete JSON object: fix or remove that line") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: holds {_JSON_KINDS.get(type(record), 'a value')}, not a JSON "
+                             'object: each line of a .jsonl file must be one record such as {"text": "..."}')
+        records.append(record)
+    return records

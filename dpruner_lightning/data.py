@@ -8,8 +8,13 @@ A ``template`` turns records into text (``"{question} The correct answer is {ans
 :class:`CalibrationDataModule` holds two calibration sets, open-domain (``general``) and ``domain``,
 each tokenised, packed into ``seq_len``-token blocks and sampled (``num_samples``, seeded). Unless
 explicit evaluation sources are given, each source is first split BY DOCUMENT into calibration and
-held-out documents, so evaluation text never overlaps calibration text. The training loader of each
-epoch is the calibration set that the current pass of the module reads.
+held-out documents; a held-out document is also removed from the OTHER calibration set (by a hash of
+its text), so evaluation text never overlaps calibration text, and explicit evaluation sources that
+share documents with the calibration text are refused (``allow_overlap`` turns that into a warning).
+
+The datamodule is told, never asks: the caller hands it a tokenizer (``use_tokenizer``) and names the
+set the next training loader reads (``serve``). ``setup`` only loads and checks the documents; tokenising
+waits for the first need, since Lightning runs ``datamodule.setup`` before the callbacks' ``setup``.
 
 Several processes (DDP): the calibration loader carries its own ``DistributedSampler`` with
 ``shuffle=False`` (Lightning would otherwise inject a SHUFFLED one for training loaders), so rank r
@@ -21,8 +26,8 @@ up to N-1 sequences twice.
 
 from __future__ import annotations
 
+import codecs
 import glob
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,8 @@ from typing import Optional
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .corpora import checked_texts, decode_file, document_hash, jsonl_records, shared_documents
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +68,20 @@ class TextSource:
     template: Optional[str] = None
     """Python format string over the record's fields, e.g. ``"{question} The answer is {answer}."``."""
     max_documents: Optional[int] = None
+    encoding: str = "utf-8"
+    """Text encoding of local files (``latin-1``, ``cp1252``, ``utf-16`` ...)."""
 
     def __post_init__(self) -> None:
         given = [k for k in ("path", "dataset", "sample", "texts") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a text source needs exactly one of path, dataset, sample or texts; got {given or 'none'}")
+        if self.texts is not None:
+            self.texts = checked_texts(self.texts)
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {self.encoding!r}: use a Python codec name such as "
+                             "utf-8, latin-1, cp1252 or utf-16") from None
 
     def describe(self) -> str:
         if self.texts is not None:
@@ -100,16 +116,19 @@ def _local_files(pattern: str) -> list[Path]:
     return files
 
 
-def _file_records(path: Path) -> list[dict]:
+def _file_records(path: Path, source: Optional[TextSource] = None, where: str = "data.<source>") -> list[dict]:
     """Records of one jsonl / json / parquet / csv file."""
+    source = source or TextSource(path=str(path))
     kind = _FILE_KINDS.get(path.suffix)
     if kind is None or kind == "text":
         raise ValueError(f"unsupported record file {path} (use jsonl, json, parquet or csv)")
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return jsonl_records(decode_file(path, source.encoding, where), path)
     import datasets  # parquet, csv, json arrays
 
-    return list(datasets.load_dataset(kind, data_files=str(path), split="train"))
+    # Only a non-default encoding is passed on: the default keeps the loader's cache key unchanged.
+    extra = {"encoding": source.encoding} if kind in ("csv", "json") and source.encoding != "utf-8" else {}
+    return list(datasets.load_dataset(kind, data_files=str(path), split="train", **extra))
 
 
 def _hub_records(source: TextSource) -> list[dict]:
@@ -127,11 +146,12 @@ def _hub_records(source: TextSource) -> list[dict]:
     return list(ds)
 
 
-def load_records(source: TextSource) -> list[dict]:
+def load_records(source: TextSource, where: str = "data.<source>") -> list[dict]:
     """Records (dicts) of a local record file / directory / glob or a hub dataset, capped at
-    ``max_documents`` (task evaluation reads these; calibration turns them into text)."""
+    ``max_documents`` (task evaluation reads these; calibration turns them into text). ``where``
+    names the source's place in the YAML config, for error messages."""
     if source.path:
-        records = [r for f in _local_files(source.path) for r in _file_records(f)]
+        records = [r for f in _local_files(source.path) for r in _file_records(f, source, where)]
     elif source.dataset:
         records = _hub_records(source)
     else:
@@ -139,18 +159,18 @@ def load_records(source: TextSource) -> list[dict]:
     return records[: source.max_documents] if source.max_documents else records
 
 
-def _file_documents(path: Path, source: TextSource) -> list[str]:
+def _file_documents(path: Path, source: TextSource, where: str) -> list[str]:
     if _FILE_KINDS.get(path.suffix) == "text":
-        return [para.strip() for para in path.read_text(encoding="utf-8").split("\n\n")]
-    return [_record_text(r, source) for r in _file_records(path)]
+        return [para.strip() for para in decode_file(path, source.encoding, where).split("\n\n")]
+    return [_record_text(r, source) for r in _file_records(path, source, where)]
 
 
-def load_documents(source: TextSource) -> list[str]:
-    """Non-empty documents of a source, in source order."""
+def load_documents(source: TextSource, where: str = "data.<source>") -> list[str]:
+    """Non-empty documents of a source, in source order (``where``: the source's YAML path, for errors)."""
     if source.texts is not None:
-        docs = [str(t) for t in source.texts]
+        docs = list(source.texts)
     elif source.path:
-        docs = [d for f in _local_files(source.path) for d in _file_documents(f, source)]
+        docs = [d for f in _local_files(source.path) for d in _file_documents(f, source, where)]
     elif source.sample:
         from .assets import sample_corpus
 
@@ -239,6 +259,7 @@ class CalibrationDataModule(L.LightningDataModule):
         tokenizer: Optional[str] = None,
         num_workers: int = 0,
         hold_out: bool = True,
+        allow_overlap: bool = False,
     ) -> None:
         """
         Args:
@@ -252,8 +273,11 @@ class CalibrationDataModule(L.LightningDataModule):
             eval_fraction: fraction of each source's documents held out when no eval source is given.
             eval_samples: at most this many evaluation sequences per set.
             seed: seed of the document split and of the sampling.
-            tokenizer: tokenizer name/folder; default: the LightningModule's.
+            tokenizer: tokenizer name/folder; default: the one handed over with :meth:`use_tokenizer`
+                (the model's, when run by the CLI / a Trainer with a DPrunerModule).
             hold_out: hold documents out of a calibration source for evaluation when no eval source is given.
+            allow_overlap: accept explicit eval sources that share documents with the calibration text
+                (a warning gives the shared fraction) instead of failing; their perplexity is then optimistic.
         """
         super().__init__()
         if seq_len < 2 or num_samples < 1 or batch_size < 1 or eval_samples < 1:
@@ -266,74 +290,169 @@ class CalibrationDataModule(L.LightningDataModule):
         self.seq_len, self.num_samples, self.batch_size = seq_len, num_samples, batch_size
         self.eval_fraction, self.eval_samples, self.seed = eval_fraction, eval_samples, seed
         self.tokenizer_name, self.num_workers, self.hold_out = tokenizer, num_workers, hold_out
-        self.calibration: dict[str, torch.Tensor] = {}
-        self.evaluation: dict[str, torch.Tensor] = {}
+        self.allow_overlap = allow_overlap
+        self._calibration: dict[str, torch.Tensor] = {}
+        self._evaluation: dict[str, torch.Tensor] = {}
+        self._tokenised = False  # the blocks above are final (built once, or given)
         self._documents: Optional[dict[str, tuple[list[str], list[str]]]] = None
+        self._eval_documents: dict[str, list[str]] = {}
+        self._given_tokenizer = None
+        self._serving = "general"
 
     @classmethod
     def from_token_blocks(cls, general: torch.Tensor, domain: torch.Tensor, eval_general: torch.Tensor,
                           eval_domain: torch.Tensor, batch_size: int = 1) -> "CalibrationDataModule":
         """A datamodule over already tokenised ``[n, seq_len]`` blocks (benchmarks, custom pipelines)."""
         dm = cls(seq_len=general.shape[1], num_samples=general.shape[0], batch_size=batch_size)
-        dm.calibration = {"general": general, "domain": domain}
-        dm.evaluation = {"general": eval_general, "domain": eval_domain}
+        dm._calibration = {"general": general, "domain": domain}
+        dm._evaluation = {"general": eval_general, "domain": eval_domain}
+        dm._tokenised = True
         return dm
+
+    # -- what the caller tells it -----------------------------------------------------------------
+    def use_tokenizer(self, tokenizer) -> None:
+        """The tokenizer to use when none was named (``tokenizer=``); a no-op when one was, or when the
+        blocks are already tokenised. Call it before the first loader is built."""
+        if self.tokenizer_name or self._tokenised:
+            return
+        self._given_tokenizer = tokenizer
+
+    def serve(self, source: str) -> None:
+        """Which calibration set (``general`` or ``domain``) the next :meth:`train_dataloader` returns."""
+        if source not in ("general", "domain"):
+            raise ValueError(f"unknown calibration source {source!r}: serve() takes 'general' or 'domain'")
+        self._serving = source
 
     def _tokenizer(self):
         if self.tokenizer_name:
-            from .config import ModelSpec
-            from .models import load_tokenizer
+            if self._given_tokenizer is None:  # loaded once, on first need
+                from .config import ModelSpec
+                from .models import load_tokenizer
 
-            return load_tokenizer(ModelSpec(name_or_path=self.tokenizer_name))
-        if self.trainer is not None and hasattr(self.trainer.lightning_module, "tokenizer"):
-            return self.trainer.lightning_module.tokenizer
-        raise ValueError("CalibrationDataModule needs a tokenizer: pass tokenizer=... or attach it to a Trainer with a DPrunerModule")
+                self._given_tokenizer = load_tokenizer(ModelSpec(name_or_path=self.tokenizer_name))
+            return self._given_tokenizer
+        if self._given_tokenizer is not None:
+            return self._given_tokenizer
+        raise ValueError("CalibrationDataModule needs a tokenizer: pass tokenizer=... (data.tokenizer in YAML), "
+                         "or hand one over with use_tokenizer(...) before its loaders are built (the DPrunerModule's "
+                         "callbacks do this when it runs in a Trainer)")
 
+    # -- documents (no tokenizer needed) ----------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.calibration or self.evaluation:  # idempotent across fit / validate
+        """Load and check the documents (split, overlap). Tokenising waits for the first loader."""
+        if self._tokenised:  # given blocks, or already built: idempotent across fit / validate
             return
-        tok = self._tokenizer()
-        split = self.source_documents()
-        for i, name in enumerate(("general", "domain")):
-            source, eval_source = self.sources[name], self.eval_sources[name]
-            held_out: list[str] = []
-            if source is not None:
-                docs, held_out = split[name]
-                what = f"the {name} calibration text ({source.describe()})"
-                self.calibration[name] = sample_blocks(pack_tokens(docs, tok, self.seq_len), self.num_samples, self.seed + i, what)
-            if eval_source is not None:
-                held_out = load_documents(eval_source)
-            if held_out:
-                eval_blocks = pack_tokens(held_out, tok, self.seq_len)
-                if eval_blocks.shape[0] == 0:
-                    raise ValueError(f"the {name} evaluation text is shorter than one sequence of {self.seq_len} tokens")
-                self.evaluation[name] = eval_blocks[: self.eval_samples]
-        if not self.calibration and not self.evaluation:
+        self.source_documents()
+        if not self._documents and not self._eval_documents:
             raise ValueError("CalibrationDataModule has no text: give a general and/or domain source (or eval sources)")
-        for name in ("general", "domain"):
-            log.info("%s: %d calibration / %d evaluation sequences of %d tokens", name,
-                     len(self.calibration.get(name, ())), len(self.evaluation.get(name, ())), self.seq_len)
 
     def source_documents(self) -> dict[str, tuple[list[str], list[str]]]:
         """Per calibration source: ``(calibration documents, held-out documents)``, by the seeded document
-        split (nothing is held out when an evaluation source is given or ``hold_out`` is off). Loaded
-        once; ``setup`` and anything that must avoid the calibration text (task builders) share it."""
+        split (nothing is held out when an evaluation source is given or ``hold_out`` is off). Documents
+        held out of either source are removed from both calibration sets. Loaded once; ``setup``, the
+        token blocks and anything that must avoid the calibration text (task builders) share it."""
         if self._documents is None:
-            self._documents = {}
-            for i, name in enumerate(("general", "domain")):
-                source = self.sources[name]
-                if source is None:
-                    continue
-                docs, held_out = load_documents(source), []
-                if self.eval_sources[name] is None and self.hold_out:
-                    docs, held_out = split_by_document(docs, self.eval_fraction, self.seed + i)
-                self._documents[name] = (docs, held_out)
+            self._load_documents()
         return self._documents
+
+    def _load_documents(self) -> None:
+        documents: dict[str, list[str]] = {}
+        held_out: dict[str, list[str]] = {}
+        for i, name in enumerate(("general", "domain")):
+            source = self.sources[name]
+            if source is None:
+                continue
+            docs, held_out[name] = load_documents(source, where=f"data.{name}"), []
+            if self.eval_sources[name] is None and self.hold_out:
+                docs, held_out[name] = split_by_document(docs, self.eval_fraction, self.seed + i)
+            documents[name] = docs
+        self._drop_held_out(documents, held_out)
+        evaluation = {}
+        for name in ("general", "domain"):
+            if self.eval_sources[name] is not None:
+                evaluation[name] = load_documents(self.eval_sources[name], where=f"data.eval_{name}")
+                self._check_overlap(name, evaluation[name], documents)
+            elif held_out.get(name):
+                evaluation[name] = held_out[name]
+        self._documents = {name: (documents[name], held_out[name]) for name in documents}
+        self._eval_documents = evaluation
+
+    def _drop_held_out(self, documents: dict[str, list[str]], held_out: dict[str, list[str]]) -> None:
+        """Held-out documents leave EVERY calibration set: with the same file as both sources (or duplicated
+        documents), the split of one source alone would leave its evaluation text in the other's calibration."""
+        held = {document_hash(d) for docs in held_out.values() for d in docs}
+        for name, docs in documents.items():
+            kept = [d for d in docs if document_hash(d) not in held]
+            if len(kept) < len(docs):
+                log.warning("removed %d of %d documents from the %s calibration text (%s): they are held out for "
+                            "evaluation", len(docs) - len(kept), len(docs), name, self.sources[name].describe())
+            if not kept:
+                raise ValueError(f"no {name} calibration document is left once the held-out evaluation documents are "
+                                 "removed: the sources share too many documents. Use distinct general and domain "
+                                 "texts, or give explicit eval sources (eval_general / eval_domain)")
+            documents[name] = kept
+
+    def _check_overlap(self, name: str, eval_docs: list[str], documents: dict[str, list[str]]) -> None:
+        """Explicit evaluation text must not repeat calibration documents (the perplexity would be optimistic)."""
+        shared = {cal: shared_documents(eval_docs, docs) for cal, docs in documents.items()}
+        shared_any = set().union(*shared.values())
+        if not shared_any:
+            return
+        parts = "; ".join(f"{len(idx)} with the {cal} calibration text ({self.sources[cal].describe()})"
+                          for cal, idx in shared.items() if idx)
+        message = (f"the {name} evaluation text ({self.eval_sources[name].describe()}) shares {len(shared_any)} of its "
+                   f"{len(eval_docs)} documents ({len(shared_any) / len(eval_docs):.1%}) with the calibration text: {parts}")
+        if self.allow_overlap:
+            log.warning("%s (allowed by allow_overlap=True: its perplexity is optimistic)", message)
+            return
+        raise ValueError(f"{message}. Use disjoint files for evaluation and calibration, or pass allow_overlap=True "
+                         "(data.allow_overlap: true) to accept the overlap")
 
     @property
     def eval_names(self) -> tuple[str, ...]:
-        """Names of the evaluation sets, in the order of :meth:`val_dataloader`."""
-        return tuple(n for n in ("domain", "general") if n in self.evaluation)
+        """Names of the evaluation sets, in the order of :meth:`val_dataloader` (known from the documents,
+        before tokenising)."""
+        if self._tokenised:
+            names = self._evaluation
+        else:
+            self.source_documents()
+            names = self._eval_documents
+        return tuple(n for n in ("domain", "general") if n in names)
+
+    # -- token blocks (tokenised on first need) ---------------------------------------------------
+    @property
+    def calibration(self) -> dict[str, torch.Tensor]:
+        """``[num_samples, seq_len]`` calibration blocks per set (tokenises on first access)."""
+        self.prepare_blocks()
+        return self._calibration
+
+    @property
+    def evaluation(self) -> dict[str, torch.Tensor]:
+        """``[<= eval_samples, seq_len]`` evaluation blocks per set (tokenises on first access)."""
+        self.prepare_blocks()
+        return self._evaluation
+
+    def prepare_blocks(self) -> None:
+        """Tokenise, pack and sample now (idempotent); needs a tokenizer (see :meth:`use_tokenizer`)."""
+        if self._tokenised:
+            return
+        self.setup()
+        tok = self._tokenizer()
+        calibration, evaluation = {}, {}
+        for i, name in enumerate(("general", "domain")):
+            if name in self._documents:
+                what = f"the {name} calibration text ({self.sources[name].describe()})"
+                blocks = pack_tokens(self._documents[name][0], tok, self.seq_len)
+                calibration[name] = sample_blocks(blocks, self.num_samples, self.seed + i, what)
+            if name in self._eval_documents:
+                eval_blocks = pack_tokens(self._eval_documents[name], tok, self.seq_len)
+                if eval_blocks.shape[0] == 0:
+                    raise ValueError(f"the {name} evaluation text is shorter than one sequence of {self.seq_len} tokens")
+                evaluation[name] = eval_blocks[: self.eval_samples]
+        self._calibration, self._evaluation, self._tokenised = calibration, evaluation, True
+        for name in ("general", "domain"):
+            log.info("%s: %d calibration / %d evaluation sequences of %d tokens", name,
+                     len(calibration.get(name, ())), len(evaluation.get(name, ())), self.seq_len)
 
     def calibration_loader(self, name: str) -> DataLoader:
         if name not in self.calibration:
@@ -346,9 +465,8 @@ class CalibrationDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        source = module.current_pass.source if module is not None and hasattr(module, "current_pass") else "general"
-        return self.calibration_loader(source)
+        """The calibration set named by the last :meth:`serve` (default ``general``)."""
+        return self.calibration_loader(self._serving)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [DataLoader(TokenBlocks(self.evaluation[n]), batch_size=self.batch_size, num_workers=self.num_workers)

@@ -327,15 +327,9 @@ def evaluate_multiple_choice(model, tokenizer, task: MultipleChoiceTask, max_len
 
     ``score`` is ``accuracy_calibrated`` when ``task.calibrate``, else ``accuracy_norm`` when
     ``task.normalize``, else ``accuracy``; ``score_metric`` names it. With ``return_details``, ``details``
-    lists per record the label, the raw scores and the token counts of the choices. A
-    :class:`~dpruner_lightning.tasks.SummarizationTask` is handed to its own evaluator, so callers with
-    one entry point (``DPruner.evaluate_task``) accept both kinds.
+    lists per record the label, the raw scores and the token counts of the choices. (One entry point
+    for both task kinds, summaries included: :func:`dpruner_lightning.tasks.evaluate_task`.)
     """
-    from .tasks import SummarizationTask, evaluate_summarization
-
-    if isinstance(task, SummarizationTask):
-        return evaluate_summarization(model, tokenizer, task, max_length=max_length, device=device,
-                                      return_details=return_details)
     instances = task.instances()
     was_training = model.training
     model.eval()

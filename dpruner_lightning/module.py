@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -34,12 +35,35 @@ import torch.nn.functional as F
 from torchmetrics import SumMetric
 
 from .algorithms.targets import Target, find_targets
+from .callbacks import CalibrationPasses, MaskApplication, RunSummary
 from .config import MaskSpec, ModelSpec, OutputSpec, TargetSpec
+from .export import NonFiniteError, load_tensors
 from .methods.base import CalibrationPass, PruningMethod
 from .methods.dpruner import DPrunerMethod
 from .models import check_model_source, load_causal_lm, load_tokenizer
+from .pruning import DenseReference, PruneResult, calibration_step, check_weights_finite, make_optimizer, nonfinite_hint, prune
 
 log = logging.getLogger(__name__)
+
+
+def load_saved_importance(method: PruningMethod, folder: str) -> list[str]:
+    """Hand the importance files of an earlier run folder to ``method``; returns the passes they replace."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*importance.safetensors"))
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"resume_from: no run folder at {folder}")
+    if not files:
+        raise ValueError(f"resume_from: {folder} holds no saved importance (*importance.safetensors); was "
+                         "output.save_importance off in that run?")
+    groups, saved_repr = {}, ""
+    for path in files:
+        groups[path.stem] = load_tensors(path)
+        with safe_open(str(path), "pt") as f:
+            saved_repr = (f.metadata() or {}).get("method_repr", saved_repr)
+    done = method.load_artifacts(groups, saved_repr)
+    log.info("resume_from %s: reusing %s, skipping pass(es) %s", folder, sorted(groups), done)
+    return done
 
 
 class DPrunerModule(L.LightningModule):
@@ -50,6 +74,7 @@ class DPrunerModule(L.LightningModule):
         mask: MaskSpec = MaskSpec(),
         targets: TargetSpec = TargetSpec(),
         output: OutputSpec = OutputSpec(),
+        resume_from: Optional[str] = None,
     ) -> None:
         """
         Args:
@@ -58,6 +83,9 @@ class DPrunerModule(L.LightningModule):
             mask: sparsity, granularity and layer-wise allocation of the masks.
             targets: regexes selecting the pruned weight matrices.
             output: what the run writes to its log directory.
+            resume_from: the folder of an earlier run of the same model whose saved importance is reused
+                instead of recomputed (D-PRUNER: G if the general estimator is the same, S if every
+                setting is); the passes it replaces are skipped.
         """
         super().__init__()
         check_model_source(model)  # fail before the datamodule tokenises anything
@@ -69,22 +97,24 @@ class DPrunerModule(L.LightningModule):
         self.output = output
         self.eval_names: tuple[str, ...] = ("domain", "general")
         self.save_hyperparameters(ignore=["method"])
-        self.automatic_optimization = False  # passes call backward/step themselves (see DESIGN.md)
+        self.automatic_optimization = False  # passes call backward / step themselves (pruning.calibration_step)
         self.model: Optional[torch.nn.Module] = None
         self.targets: dict[str, Target] = {}
-        self.schedule: list[CalibrationPass] = [p for p in self.method.passes() for _ in range(p.epochs)]
+        #: Passes replaced by importance loaded from ``resume_from``.
+        self.resumed: list[str] = load_saved_importance(self.method, resume_from) if resume_from else []
+        self.schedule: list[CalibrationPass] = self._plan(None)
         self.apply_masks_at_end = True
+        #: ``dense`` (weights as loaded), ``tuned`` (after an SGD pass) or ``pruned``.
         self.stage = "dense"
-        self.pruned = False
-        self.masks: dict[str, torch.Tensor] = {}
-        self.perplexities: dict[str, dict[str, float]] = {}
+        #: What the run produced (read by the summary, ``compare`` and the API; written by the callbacks).
+        self.result: Optional[PruneResult] = None
+        self.perplexities: dict[str, dict[str, float]] = {}  # stage -> eval set -> perplexity
         self.phase_seconds: dict[str, float] = {}
-        self.histograms_logged: set[str] = set()  # artifact groups already drawn in TensorBoard
-        self.summary: dict = {}
-        #: Parameter counts of the model as loaded (structured methods shrink it: sparsity is reported
-        #: against these), and the ``out x in`` shape of every target.
-        self.dense_parameters: dict[str, int] = {}
-        self.dense_shapes: dict[str, tuple[int, int]] = {}
+        self.peak_memory: dict[str, int] = {}  # phase -> peak bytes (see memory.PeakMemory)
+        self.peak_memory_kind = "unknown"
+        self.artifacts: dict[str, str] = {}  # artifact -> path written
+        #: The model as loaded (set with the model).
+        self.dense: Optional[DenseReference] = None
         self._tokenizer = None
         self._fp32_buffers: dict[str, torch.Tensor] = {}
         self._nll = torch.nn.ModuleList()
@@ -120,9 +150,7 @@ class DPrunerModule(L.LightningModule):
         self.model = load_causal_lm(self.model_spec)
         self.model.requires_grad_(False)
         self.targets = find_targets(self.model, self.target_spec.target_modules, self.target_spec.exclude_modules)
-        self.dense_shapes = {n: t.shape for n, t in self.targets.items()}
-        self.dense_parameters = {"targets": sum(t.numel() for t in self.targets.values()),
-                                 "all": sum(p.numel() for p in self.model.parameters())}
+        self.dense = DenseReference.of(self.model, self.targets)
         # Rotary inv_freq must stay fp32 even under `bf16-true`, which casts every buffer.
         self._fp32_buffers = {n: b.detach().clone() for n, b in self.model.named_buffers() if "inv_freq" in n}
         self.method.prepare(self.model, self.targets)
@@ -145,10 +173,18 @@ class DPrunerModule(L.LightningModule):
 
     # -- calibration passes -----------------------------------------------------------------------
     def configure_callbacks(self):
-        from .callbacks import CalibrationPassCallback, MaskApplication, RunSummary
+        return [CalibrationPasses(), MaskApplication(), RunSummary()]
 
-        pass_names = dict.fromkeys(p.name for p in self.schedule)
-        return [CalibrationPassCallback(n) for n in pass_names] + [MaskApplication(), RunSummary()]
+    def trainer_kwargs(self) -> dict:
+        """What a ``Trainer`` running this module's ``fit`` needs: one epoch per pass epoch, and a fresh
+        train loader each epoch (open-domain, then domain data): ``L.Trainer(**module.trainer_kwargs(), ...)``."""
+        return {"max_epochs": len(self.schedule), "reload_dataloaders_every_n_epochs": 1}
+
+    def configure_trainer(self, trainer: L.Trainer) -> None:
+        """Set :meth:`trainer_kwargs` on an existing ``trainer`` before its ``fit`` (the CLI, ``compare``)."""
+        kwargs = self.trainer_kwargs()
+        trainer.fit_loop.max_epochs = kwargs["max_epochs"]
+        trainer.reload_dataloaders_every_n_epochs = kwargs["reload_dataloaders_every_n_epochs"]
 
     def select_passes(self, names: Optional[list[str]] = None, apply_masks: bool = True) -> None:
         """Run only the named passes in the next ``fit`` (the step-by-step API); ``None`` = all of them."""
@@ -156,8 +192,13 @@ class DPrunerModule(L.LightningModule):
         unknown = set(names or ()) - {p.name for p in passes}
         if unknown:
             raise ValueError(f"unknown pass {sorted(unknown)}; {self.method.name} has {[p.name for p in passes]}")
-        self.schedule = [p for p in passes if names is None or p.name in names for _ in range(p.epochs)]
+        self.schedule = self._plan(names)
         self.apply_masks_at_end = apply_masks
+
+    def _plan(self, names: Optional[list[str]]) -> list[CalibrationPass]:
+        """One entry per epoch of every pass to run (at least one epoch: fit needs one to end)."""
+        todo = [p for p in self.method.passes() if (names is None or p.name in names) and p.name not in self.resumed]
+        return [p for p in todo for _ in range(p.epochs)] or [CalibrationPass("resumed", "general", "none")]
 
     @property
     def current_pass(self) -> CalibrationPass:
@@ -165,12 +206,9 @@ class DPrunerModule(L.LightningModule):
         return self.schedule[min(epoch, len(self.schedule) - 1)]
 
     def configure_optimizers(self):
-        params = [t.weight for t in self.targets.values()]
-        # Plain SGD, no momentum: no optimizer state, as in the paper (LOMO); lr = alpha.
-        return torch.optim.SGD(params, lr=self.method.learning_rate, momentum=0.0)
-
-    def lm_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        # Steps are the method's (sgd_step: fp32 masters for 16-bit weights); the optimizer only gives
+        # Lightning its bookkeeping and zero_grad.
+        return make_optimizer(self.method, self.targets)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # DDP: keep gradients local. training_step runs inside the wrapper's forward, so no_sync() must
@@ -185,25 +223,15 @@ class DPrunerModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         p = self.current_pass
         input_ids = batch["input_ids"]
-        if p.mode == "none":
+        # manual_backward: the callbacks' on_after_backward hand the gradients to the method.
+        loss = calibration_step(self.model, self.method, p, input_ids, backward=self.manual_backward)
+        if loss is None:
             return None
-        if p.mode == "collect":
-            self.method.collect(p, input_ids)
-            return None
-        if p.mode == "forward":
-            with torch.no_grad():
-                self.model(input_ids=input_ids, use_cache=False)
-            return None
-        opt = self.optimizers()
-        loss = self.lm_loss(input_ids)
-        self.manual_backward(loss)  # callbacks' on_after_backward hand the gradients to the method
         if p.mode == "sgd" and self.method.learning_rate > 0:
             self._average_gradients_across_ranks()
-            if self.method.max_grad_norm:
-                self.clip_gradients(opt, gradient_clip_val=self.method.max_grad_norm, gradient_clip_algorithm="norm")
-            opt.step()
+            self.method.sgd_step(p)  # clipping, if any, happened in after_backward (the method's own order)
             self.stage = "tuned"
-        opt.zero_grad(set_to_none=True)
+        self.optimizers().zero_grad(set_to_none=True)
         self.log(f"loss/{p.name}", loss.detach(), on_step=True, prog_bar=True, batch_size=input_ids.shape[0])
         return None
 
@@ -224,8 +252,7 @@ class DPrunerModule(L.LightningModule):
 
     # -- perplexity -------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        # The datamodule says which evaluation sets its loaders hold, in order.
-        self.eval_names = tuple(getattr(self.trainer.datamodule, "eval_names", self.eval_names))
+        # eval_names: which evaluation sets the loaders hold, in order (set by RunSummary from the datamodule).
         needed = max(1, len(self.eval_names))
         while len(self._nll) < needed:
             # "disable": NaN / inf stay in the sum (the default drops NaNs with a warning, which turned a
@@ -260,20 +287,35 @@ class DPrunerModule(L.LightningModule):
 
     def _non_finite_perplexity(self, name: str, mean_nll: float) -> None:
         """A NaN / inf perplexity fails the stage: it is never logged, dropped or written to the summary."""
-        from .callbacks import check_weights_finite, nonfinite_hint
-        from .export import NonFiniteError
-
         where = f"on eval set {name!r} at stage {self.stage!r}"
-        check_weights_finite(self, f"perplexity {where} is not finite; target weights")  # names the matrix if one is to blame
+        hint = self.nonfinite_hint()
+        check_weights_finite(self.targets, f"perplexity {where} is not finite; target weights", hint)  # names the matrix
         raise NonFiniteError(f"perplexity {where} is not finite (mean NLL per token = {mean_nll}): the model's "
-                             f"outputs are NaN / inf or overflow; {nonfinite_hint(self)}")
+                             f"outputs are NaN / inf or overflow; {hint}")
+
+    def nonfinite_hint(self) -> str:
+        return nonfinite_hint(self.method, weights_changed=self.stage != "dense")
 
     # -- pruning ----------------------------------------------------------------------------------
-    def apply_pruning(self) -> dict[str, torch.Tensor]:
-        """Choose and apply the masks (once). Called by the mask callback at the end of fit."""
-        if self.pruned:
-            return self.masks
-        self.masks = self.method.prune(self.mask_spec)
-        self.pruned = True
+    @property
+    def pruned(self) -> bool:
+        return self.result is not None
+
+    def apply_pruning(self, spec: Optional[MaskSpec] = None) -> PruneResult:
+        """Choose, check and apply the masks with the pruning core (:func:`~dpruner_lightning.pruning.prune`)
+        under ``spec`` (default: the module's); called by the mask callback at the end of fit."""
+        self.result = prune(self.model, self.targets, self.method, spec or self.mask_spec, self.dense,
+                            weights_changed=self.stage != "dense")
         self.stage = "pruned"
-        return self.masks
+        return self.result
+
+    def run_summary(self) -> dict:
+        """What ``summary.json`` reports: the prune result, perplexities, seconds, peak memory, artifacts."""
+        summary = {"method": self.method.name} if self.result is None else self.result.summary()
+        summary["perplexity"] = {stage: dict(v) for stage, v in self.perplexities.items()}
+        summary["seconds"] = dict(self.phase_seconds)
+        if self.peak_memory:
+            summary.update(peak_memory_bytes=max(self.peak_memory.values()), peak_memory_kind=self.peak_memory_kind,
+                           peak_memory_by_phase=dict(self.peak_memory))
+        summary.update(self.artifacts)
+        return summary

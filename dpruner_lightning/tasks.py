@@ -319,5 +319,6 @@ def position_limit(model, max_length: int) -> int:
 def evaluate_task(model, tokenizer, task: Union[MultipleChoiceTask, SummarizationTask], max_length: int = 512,
                   device=None) -> dict:
     """Metrics of one task of either kind under ``torch.no_grad`` (no per-record details)."""
+    evaluate = evaluate_summarization if isinstance(task, SummarizationTask) else evaluate_multiple_choice
     with torch.no_grad():
-        return evaluate_multiple_choice(model, tokenizer, task, max_length=position_limit(model, max_length), device=device)
+        return evaluate(model, tokenizer, task, max_length=position_limit(model, max_length), device=device)

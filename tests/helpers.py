@@ -7,10 +7,10 @@ import hashlib
 import lightning as L
 import torch
 
-from dpruner_lightning.cli import quiet_known_warnings
 from dpruner_lightning.config import MaskSpec, ModelSpec, OutputSpec
 from dpruner_lightning.data import CalibrationDataModule, TextSource
 from dpruner_lightning.module import DPrunerModule
+from dpruner_lightning.quiet import install_known_filters
 
 from .conftest import SMOKE, TINY
 
@@ -27,11 +27,11 @@ def smoke_data(seed: int = 0, **kw) -> CalibrationDataModule:
 
 
 def run_prune(tmp_path, family="llama", method=None, mask=None, seed=0, validate=True, **data_kw) -> DPrunerModule:
-    quiet_known_warnings()
+    install_known_filters()
     module = DPrunerModule(model=tiny_spec(family), method=method, mask=mask or MaskSpec(sparsity=0.5),
                            output=OutputSpec(export_model=False, save_importance=False, save_masks=False))
     data = smoke_data(seed=seed, **data_kw)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, enable_checkpointing=False, logger=False,
+    trainer = L.Trainer(**module.trainer_kwargs(), accelerator="cpu", devices=1, enable_checkpointing=False, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         default_root_dir=str(tmp_path))
     trainer.fit(module, data)

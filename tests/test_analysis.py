@@ -12,8 +12,6 @@ from dpruner_lightning.analysis import MaskAnalyzer, PerformanceTracker, load_ma
 from dpruner_lightning.export import save_tensors
 
 
-
-
 def _mask(shape: tuple[int, int], pruned: int) -> torch.Tensor:
     """Bool mask with exactly ``pruned`` False entries (the first ones in row-major order)."""
     keep = torch.ones(shape[0] * shape[1], dtype=torch.bool)

@@ -26,6 +26,12 @@ def test_bad_config_values_fail_at_construction():
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
         DPrunerConfig(sparsity_ratio=1.2)
     assert DPrunerConfig(use_iterative_blocking=True, block_size=64).mask_spec().granularity == "block"
+    # The domain's preset applies unless a value is given explicitly.
+    legal = DPrunerConfig(domain="law")
+    assert (legal.domain, legal.lambda_reg, legal.alpha) == ("legal", 0.001, 3e-4)
+    assert DPrunerConfig(domain="finance", alpha=1e-3).lambda_reg == 0.05
+    assert DPrunerConfig(domain="finance", alpha=1e-3).alpha == 1e-3
+    assert DPrunerConfig.for_domain("legal") == legal
 
 
 def test_load_sample_data_splits_domain_documents(monkeypatch):

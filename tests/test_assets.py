@@ -151,7 +151,8 @@ def test_wikipedia_corpus_is_extracted_cached_and_not_downloaded_again(cache, fa
     assert assets.sample_corpus("open_domain") == docs
     assert assets.sample_corpus("Wiki") == docs
     assert calls == [("gensim", "4.4.0")]
-    assert leftover_files(cache) == [cached]
+    checksum = cache / "checksums" / "corpora" / f"{cached.name}.sha256"  # recorded, verified on every use
+    assert sorted(leftover_files(cache)) == sorted([cached, checksum])
 
 
 # --- PubMed -------------------------------------------------------------------------------------
@@ -316,6 +317,11 @@ def test_resolve_model(cache, monkeypatch):
     folder = cache / "models" / "smollm2-135m"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
+    # A cached model counts only with complete weights (a config alone is refused, see test_input_checks).
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3)}, str(folder / "model.safetensors"))
     assert assets.resolve_model("smollm2-135m") == str(folder)
     assert assets.resolve_model("smollm2-135m-instruct") == str(folder)  # one shared copy
 

@@ -15,7 +15,7 @@ from dpruner_lightning.cli import main
 from dpruner_lightning.comparison import load_config, run_subcommand, validate_config
 from dpruner_lightning.data import split_by_document
 from dpruner_lightning.methods import METHODS
-from dpruner_lightning.methods.magnitude import Magnitude
+from dpruner_lightning.methods.magnitude import MagnitudeMethod
 
 from .conftest import REPO, SMOKE, TINY
 
@@ -23,7 +23,7 @@ COMPARE_ROWS = ["dense", "magnitude", "wanda", "sparsegpt", "llm_pruner", "d_pru
 UNSTRUCTURED = {"magnitude", "wanda", "sparsegpt", "d_pruner", "d_pruner_obs"}
 
 
-class Broken(Magnitude):
+class Broken(MagnitudeMethod):
     """A method that fails while pruning, to check that one failed row does not lose the others."""
 
     def prune(self, spec):
@@ -118,7 +118,15 @@ def test_benchmark_suite_api(tmp_path):
     report = suite.generate_comparison_report(results)
     for name in ["dense", *METHODS]:
         assert f"| {name} |" in report
-    assert (tmp_path / "comparison.json").exists() and (tmp_path / "data" / "eval_domain.jsonl").exists()
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["dense", *METHODS] and saved["rows"] == results
+    assert not (tmp_path / "data").exists()  # the texts are handed over in memory, not written out
+    # The same call again keeps the finished rows (same config keys) instead of recomputing them.
+    again = suite.compare_pruning_methods(open_domain_texts=general, domain_texts=domain[:-2], test_texts=domain[-2:],
+                                          sparsity_ratio=0.5)
+    assert again == results
+    with pytest.raises(TypeError, match="unknown option 'not_an_option'"):
+        BenchmarkSuite("smollm2-135m", not_an_option=1)
 
 
 def test_experiment_runner_hyperparameter_sweep(tmp_path):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpruner_lightning.cli import DPrunerCLI
 from dpruner_lightning.data import CalibrationDataModule
+from dpruner_lightning.lightning_cli import DPrunerCLI
 from dpruner_lightning.methods.base import PruningMethod
 from dpruner_lightning.module import DPrunerModule
 

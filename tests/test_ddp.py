@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from dpruner_lightning.algorithms.importance import dual_accumulate_, regulariser_grad
 from dpruner_lightning.algorithms.masks import choose_masks
 from dpruner_lightning.algorithms.targets import find_targets
-from dpruner_lightning.cli import quiet_known_warnings
 from dpruner_lightning.config import MaskSpec, OutputSpec, TargetSpec
 from dpruner_lightning.methods import DPrunerMethod
 from dpruner_lightning.models import load_causal_lm, load_tokenizer
 from dpruner_lightning.module import DPrunerModule
+from dpruner_lightning.quiet import install_known_filters
 
 from .helpers import smoke_data, tiny_spec
 
@@ -36,12 +36,12 @@ ALPHA, LAMBDA = 0.05, 0.1  # a large step, so that "accumulate over N" and "N se
 
 
 def _run(tmp_path, devices: int, estimator: str) -> DPrunerModule:
-    quiet_known_warnings()
+    install_known_filters()
     module = DPrunerModule(model=tiny_spec(), method=DPrunerMethod(general_estimator=estimator, alpha=ALPHA, lambda_reg=LAMBDA),
                            mask=MaskSpec(sparsity=0.5),
                            output=OutputSpec(export_model=False, save_importance=True, save_masks=True))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                        max_epochs=-1, enable_checkpointing=False, logger=False, enable_progress_bar=False,
+                        **module.trainer_kwargs(), enable_checkpointing=False, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         default_root_dir=str(tmp_path))
     trainer.fit(module, smoke_data(batch_size=1))
@@ -146,14 +146,14 @@ def _batches(n: int = 4) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("method_name", ["wanda", "llm_pruner"])
 def test_reduce_across_ranks_equals_one_process(method_name):
-    from dpruner_lightning.methods import LLMPruner, Wanda
+    from dpruner_lightning.methods import LLMPrunerMethod, WandaMethod
 
     from .conftest import tiny_model
 
     def make():
         model = tiny_model("llama")
         model.requires_grad_(False)
-        m = Wanda() if method_name == "wanda" else LLMPruner()
+        m = WandaMethod() if method_name == "wanda" else LLMPrunerMethod()
         m.prepare(model, find_targets(model, TargetSpec().target_modules, TargetSpec().exclude_modules))
         p = m.passes()[0]
         m.start_pass(p)
@@ -214,12 +214,12 @@ def test_multi_process_refusals():
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     from dpruner_lightning.callbacks import check_multi_process
-    from dpruner_lightning.methods import SparseGPT
+    from dpruner_lightning.methods import SparseGPTMethod
 
     ddp = SimpleNamespace(world_size=2, strategy=DDPStrategy())
     check_multi_process(ddp, SimpleNamespace(method=DPrunerMethod()))
     with pytest.raises(NotImplementedError, match="sparsegpt cannot run on several processes"):
-        check_multi_process(ddp, SimpleNamespace(method=SparseGPT()))
+        check_multi_process(ddp, SimpleNamespace(method=SparseGPTMethod()))
     other = SimpleNamespace(world_size=2, strategy=SingleDeviceStrategy())
     with pytest.raises(NotImplementedError, match="DDP strategies only"):
         check_multi_process(other, SimpleNamespace(method=DPrunerMethod()))

@@ -69,7 +69,7 @@ def test_target_regex_matching_nothing_fails_before_any_pass(tmp_path, monkeypat
     monkeypatch.setattr(DPrunerMethod, "start_pass", lambda self, p: calls.append(p))
     module = DPrunerModule(model=tiny_spec(), targets=TargetSpec(target_modules="lm_head_only_please"))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        max_epochs=-1, default_root_dir=str(tmp_path))
+                        **module.trainer_kwargs(), default_root_dir=str(tmp_path))
     with pytest.raises(ValueError, match="matches no linear layer"):
         trainer.fit(module, smoke_data())
     assert calls == []

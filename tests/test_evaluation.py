@@ -10,8 +10,15 @@ import torch
 
 from dpruner_lightning import evaluation
 from dpruner_lightning.data import TextSource
-from dpruner_lightning.evaluation import (MultipleChoiceTask, bootstrap_ci, casehold, evaluate_multiple_choice,
-                                          macro_f1, pubmedqa, score_choices)
+from dpruner_lightning.evaluation import (
+    MultipleChoiceTask,
+    bootstrap_ci,
+    casehold,
+    evaluate_multiple_choice,
+    macro_f1,
+    pubmedqa,
+    score_choices,
+)
 from dpruner_lightning.models import byte_tokenizer
 
 from .conftest import tiny_model

@@ -13,8 +13,16 @@ import torch
 
 from dpruner_lightning.algorithms.masks import apply_mask_, select_mask
 from dpruner_lightning.algorithms.targets import find_targets
-from dpruner_lightning.export import (MANIFEST, SPARSE_FILE, export_hf_folder, load_sparse_model, pack_sparse,
-                                      save_sparse_model, unpack_sparse)
+from dpruner_lightning.export import (
+    MANIFEST,
+    SPARSE_FILE,
+    export_hf_folder,
+    load_sparse_model,
+    pack_sparse,
+    save_sparse_model,
+    unpack_sparse,
+)
+from dpruner_lightning.pruning import PruneResult
 
 from .conftest import TINY, tiny_model
 
@@ -56,8 +64,10 @@ def pruner(tmp_path):
     cfg = DPrunerConfig(model_name="random:llama", tokenizer="bytes", model_overrides=TINY["llama"], device="cpu")
     p = DPruner(config=cfg, output_dir=str(tmp_path / "runs"))
     p.module.configure_model()
-    p.module.pruned = True
-    p.module.masks = {n: torch.ones(t.shape, dtype=torch.bool) for n, t in p.module.targets.items()}
+    masks = {n: torch.ones(t.shape, dtype=torch.bool) for n, t in p.module.targets.items()}
+    p.module.result = PruneResult(method="d_pruner", method_repr="test", granularity="layer", allocation="uniform",
+                                  sparsity_target=0.0, sparsity_realised={"targets": 0.0, "all_parameters": 0.0},
+                                  per_matrix={n: 0.0 for n in masks}, parameters={}, masks=masks)
     return p
 
 
@@ -183,7 +193,7 @@ def test_fit_refuses_an_export_folder_of_user_files_before_any_pass(tmp_path, mo
     monkeypatch.setattr(DPrunerMethod, "start_pass", lambda self, p: calls.append(p))
     module = DPrunerModule(model=tiny_spec(), output=OutputSpec(save_importance=False, save_masks=False))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, max_epochs=-1, default_root_dir=str(tmp_path))
+                        enable_model_summary=False, **module.trainer_kwargs(), default_root_dir=str(tmp_path))
     with pytest.raises(FileExistsError, match="notes.md"):
         trainer.fit(module, smoke_data())
     assert calls == [] and (tmp_path / "pruned_model" / "notes.md").read_text() == "mine"

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from dpruner_lightning.callbacks import add_histogram
-from dpruner_lightning.cli import quiet_known_warnings
 from dpruner_lightning.config import MaskSpec, OutputSpec
 from dpruner_lightning.export import NonFiniteError, export_hf_folder
 from dpruner_lightning.methods import DPrunerMethod
 from dpruner_lightning.module import DPrunerModule
+from dpruner_lightning.quiet import install_known_filters
 
 from .conftest import REPO, tiny_model
 from .helpers import run_prune, smoke_data, tiny_spec
@@ -31,22 +31,23 @@ def test_diverging_sgd_run_fails_clearly_and_exports_nothing(tmp_path):
     cmd = [sys.executable, "-m", "dpruner_lightning.cli", "fit", "--config", "configs/smoke.yaml",
            "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), *DIVERGING]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "NonFiniteError" in proc.stderr and "is not finite" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 1  # a failure during the run, reported in one line
+    assert "dpruner: failed: perplexity" in proc.stderr and "is not finite" in proc.stderr, proc.stderr[-3000:]
     assert "use update='proximal' or a smaller alpha" in proc.stderr
     assert not list(tmp_path.rglob("pruned_model")) and not list(tmp_path.rglob("sparse_model"))
     summary = tmp_path / "summary.json"
-    if summary.exists():  # the dense validation may have written it: no non-dense perplexity in it
-        assert set(json.loads(summary.read_text()).get("perplexity", {})) <= {"dense"}
+    recorded = json.loads(summary.read_text())  # the failure is recorded, with no non-dense perplexity
+    assert recorded["status"] == "failed" and "NonFiniteError" in recorded["error"]
+    assert set(recorded.get("perplexity", {})) <= {"dense"}
 
 
 def test_diverging_pass_is_stopped_when_it_ends_naming_the_matrix(tmp_path):
     # No validation during fit (as in the Python API): the check at the end of the dual pass fires.
-    quiet_known_warnings()
+    install_known_filters()
     method = DPrunerMethod(alpha=10, update="sgd", lambda_reg=1e6, keep_updated_weights=True)
     module = DPrunerModule(model=tiny_spec(), method=method, mask=MaskSpec(sparsity=0.5), output=OutputSpec())
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, max_epochs=-1, limit_val_batches=0, default_root_dir=str(tmp_path))
+                        enable_model_summary=False, **module.trainer_kwargs(), limit_val_batches=0, default_root_dir=str(tmp_path))
     with pytest.raises(NonFiniteError, match=r"after pass 'dual': 'model\.layers\.0\..*' has \d+ of \d+ entries NaN or inf"
                                              r".*alpha / lambda_reg too large for update='sgd'"):
         trainer.fit(module, smoke_data())

@@ -15,6 +15,7 @@ from dpruner_lightning.algorithms.importance import (
 from dpruner_lightning.algorithms.targets import find_targets
 from dpruner_lightning.config import MaskSpec
 from dpruner_lightning.methods import DPrunerMethod
+from dpruner_lightning.pruning import calibrate
 
 from .conftest import tiny_model
 
@@ -72,21 +73,9 @@ def _naive_grads(model, target_names, batch):
 
 
 def _drive(method, model, targets, general_batches, domain_batches):
-    """Run the method's lifecycle by hand, exactly as the Lightning module does."""
+    """The method's lifecycle through the pruning core, with no Trainer."""
     method.prepare(model, targets)
-    p_general, p_dual = method.passes()
-    for t in targets.values():
-        t.weight.requires_grad_(True)
-    opt = torch.optim.SGD([t.weight for t in targets.values()], lr=method.learning_rate)
-    for p, batches in ((p_general, general_batches), (p_dual, domain_batches)):
-        method.start_pass(p)
-        for batch in batches:
-            model(input_ids=batch, labels=batch).loss.backward()
-            method.after_backward(p)
-            if p.mode == "sgd":
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-        method.end_pass(p)
+    calibrate(model, targets, method, {"general": general_batches, "domain": domain_batches})
 
 
 def test_dpruner_passes_match_naive_simulation():

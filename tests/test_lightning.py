@@ -17,16 +17,16 @@ from .helpers import mask_hash, run_prune
 @pytest.mark.parametrize("estimator", ["taylor", "obs"])
 def test_every_family_prunes(tmp_path, family, estimator):
     module = run_prune(tmp_path, family, method=DPrunerMethod(general_estimator=estimator), validate=False)
-    assert module.pruned and len(module.masks) >= 4
+    assert module.pruned and len(module.result.masks) >= 4
     for name, t in module.targets.items():
         assert abs(float((t.weight_view() == 0).float().mean()) - 0.5) < 1e-3, name
-    assert module.summary["sparsity_realised"]["targets"] == pytest.approx(0.5, abs=1e-3)
+    assert module.result.sparsity_realised["targets"] == pytest.approx(0.5, abs=1e-3)
 
 
 @pytest.mark.parametrize("family", ["bloom", "qwen2", "mistral"])
 def test_more_families_prune(tmp_path, family):
     module = run_prune(tmp_path, family, validate=False)
-    assert module.summary["sparsity_realised"]["targets"] == pytest.approx(0.5, abs=1e-3)
+    assert module.result.sparsity_realised["targets"] == pytest.approx(0.5, abs=1e-3)
     assert len(module.targets) >= 4
 
 
@@ -34,24 +34,24 @@ def test_same_seed_same_mask_other_data_seed_other_mask(tmp_path):
     a = run_prune(tmp_path / "a", seed=0, validate=False)
     b = run_prune(tmp_path / "b", seed=0, validate=False)
     c = run_prune(tmp_path / "c", seed=1, validate=False)
-    assert mask_hash(a.masks) == mask_hash(b.masks)
-    assert mask_hash(a.masks) != mask_hash(c.masks)
+    assert mask_hash(a.result.masks) == mask_hash(b.result.masks)
+    assert mask_hash(a.result.masks) != mask_hash(c.result.masks)
 
 
 @pytest.mark.parametrize("granularity", ["row", "block", "2:4", "global"])
 def test_granularities_through_the_module(tmp_path, granularity):
     module = run_prune(tmp_path, mask=MaskSpec(sparsity=0.5, granularity=granularity, block_size=16), validate=False)
-    for name, keep in module.masks.items():
+    for name, keep in module.result.masks.items():
         if granularity == "2:4":
             assert ((~keep).reshape(keep.shape[0], -1, 4).sum(-1) == 2).all(), name
         elif granularity == "row":
             assert ((~keep).sum(1) == keep.shape[1] // 2).all(), name
-    assert module.summary["sparsity_realised"]["targets"] == pytest.approx(0.5, abs=1e-3)
+    assert module.result.sparsity_realised["targets"] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_owl_allocation_keeps_overall_sparsity(tmp_path):
     module = run_prune(tmp_path, mask=MaskSpec(sparsity=0.5, allocation="owl", owl_lambda=0.1), validate=False)
-    assert module.summary["sparsity_realised"]["targets"] == pytest.approx(0.5, abs=0.01)
+    assert module.result.sparsity_realised["targets"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_validate_reports_exact_token_weighted_perplexity(tmp_path):
@@ -76,10 +76,10 @@ def test_bf16_true_keeps_rotary_inv_freq_in_fp32(tmp_path):
     from .helpers import smoke_data, tiny_spec
 
     module = DPrunerModule(model=tiny_spec(), output=OutputSpec(export_model=False))
-    trainer = L.Trainer(accelerator="cpu", precision="bf16-true", max_epochs=-1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-true", **module.trainer_kwargs(), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(module, smoke_data())
     buffers = {n: b for n, b in module.model.named_buffers() if "inv_freq" in n}
     assert buffers and all(b.dtype == torch.float32 for b in buffers.values())
     assert next(module.model.parameters()).dtype == torch.bfloat16
-    assert module.summary["sparsity_realised"]["targets"] == pytest.approx(0.5, abs=1e-3)
+    assert module.result.sparsity_realised["targets"] == pytest.approx(0.5, abs=1e-3)

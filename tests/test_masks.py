@@ -103,3 +103,22 @@ def test_nm_needs_divisible_columns():
 def test_sparsity_outside_unit_interval_rejected(s):
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         select_mask(torch.rand(4, 8), s, "layer")
+
+
+@pytest.mark.parametrize("sparsity", [0.02, 0.95])
+def test_owl_keeps_the_overall_sparsity_exact_at_extreme_requests(sparsity):
+    """The [0, 0.999] clamp used to move the overall sparsity by 1-2% at these requests."""
+    from dpruner_lightning.algorithms.masks import owl_sparsities
+
+    g = torch.Generator().manual_seed(0)
+    by_block = {}
+    for b in range(6):  # blocks with very different outlier ratios, two sizes
+        s = torch.rand(64, 64 * (1 + b % 2), generator=g)
+        s[: b * 10] *= 40.0  # more outliers in later blocks
+        by_block[b] = [s]
+    got = owl_sparsities(by_block, sparsity, outlier_m=5.0, lam=0.08)
+    sizes = {b: sum(t.numel() for t in mats) for b, mats in by_block.items()}
+    mean = sum(got[b] * sizes[b] for b in got) / sum(sizes.values())
+    assert mean == pytest.approx(sparsity, abs=1e-9)
+    assert all(0.0 <= v <= 0.999 for v in got.values())
+    assert max(got.values()) - min(got.values()) > 0.01  # the allocation still varies by block

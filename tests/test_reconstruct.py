@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from dpruner_lightning.algorithms.masks import select_mask
 from dpruner_lightning.algorithms.hessian import damped
+from dpruner_lightning.algorithms.lstsq import masked_least_squares_
+from dpruner_lightning.algorithms.masks import select_mask
 from dpruner_lightning.algorithms.reconstruct import (
     exact_reconstruct_,
     obs_reconstruct_,
     reconstruct_,
     reconstruction_error,
 )
-from dpruner_lightning.algorithms.lstsq import masked_least_squares_
 from dpruner_lightning.algorithms.sequential import sequential_blockwise, weighted_sets
 from dpruner_lightning.algorithms.targets import find_targets
 
@@ -129,7 +129,6 @@ def test_weighted_sets_checks_the_mix():
 def test_sequential_driver_mixes_hessians_as_documented():
     """With weights (0.5, 0.5) over two sets, the first block's Hessians are the mean of each set's."""
     from dpruner_lightning.algorithms.hessian import InputStatistics
-
     from tests.conftest import tiny_model
 
     model = tiny_model("llama")
@@ -158,62 +157,62 @@ def test_sequential_driver_mixes_hessians_as_documented():
 # -- through the methods and the Lightning fit --------------------------------------------------------
 
 def test_methods_collect_the_batches_their_hessian_mix_needs():
-    from dpruner_lightning.methods import DPrunerMethod, Magnitude, SparseGPT, Wanda
+    from dpruner_lightning.methods import DPrunerMethod, MagnitudeMethod, SparseGPTMethod, WandaMethod
 
-    assert [p.name for p in Wanda().passes()] == ["calibration"]
-    assert [p.name for p in Wanda(reconstruct="obs").passes()] == ["calibration", "batches_domain"]
-    assert [p.source for p in Magnitude(reconstruct="exact", hessian_mix=0.5).passes()][-2:] == ["domain", "general"]
-    assert [p.source for p in SparseGPT(source="general").passes()] == ["general"]
-    assert [p.source for p in SparseGPT(hessian_mix=0.3).passes()] == ["domain", "general"]
+    assert [p.name for p in WandaMethod().passes()] == ["calibration"]
+    assert [p.name for p in WandaMethod(reconstruct="obs").passes()] == ["calibration", "batches_domain"]
+    assert [p.source for p in MagnitudeMethod(reconstruct="exact", hessian_mix=0.5).passes()][-2:] == ["domain", "general"]
+    assert [p.source for p in SparseGPTMethod(source="general").passes()] == ["general"]
+    assert [p.source for p in SparseGPTMethod(hessian_mix=0.3).passes()] == ["domain", "general"]
     assert [p.name for p in DPrunerMethod(reconstruct="obs", hessian_mix=1.0).passes()] == ["general", "dual", "batches_general"]
-    assert Wanda(reconstruct="obs").multi_process is False and Wanda().multi_process is True
+    assert WandaMethod(reconstruct="obs").multi_process is False and WandaMethod().multi_process is True
 
 
 def test_reconstruction_options_are_checked_when_built():
-    from dpruner_lightning.methods import DPrunerMethod, LLMPruner, Wanda
+    from dpruner_lightning.methods import DPrunerMethod, LLMPrunerMethod, WandaMethod
 
     with pytest.raises(ValueError, match="hessian_mix must be in"):
-        Wanda(reconstruct="obs", hessian_mix=1.5)
+        WandaMethod(reconstruct="obs", hessian_mix=1.5)
     with pytest.raises(ValueError, match="one of none, obs, exact"):
         DPrunerMethod(reconstruct="lstsq")
     with pytest.raises(ValueError, match="set reconstruct: obs"):
         DPrunerMethod(selection="sequential")
     with pytest.raises(ValueError, match="reconstruct must be 'none'"):
-        llm = LLMPruner()
+        llm = LLMPrunerMethod()
         llm.configure_reconstruction("obs")
 
 
 @pytest.mark.parametrize("solver", ["obs", "exact"])
 def test_reconstruction_keeps_the_mask_and_moves_the_kept_weights(tmp_path, solver):
-    from dpruner_lightning.methods import Wanda
+    from dpruner_lightning.methods import WandaMethod
     from tests.helpers import mask_hash, run_prune
 
-    plain = run_prune(tmp_path, method=Wanda(), validate=False)
-    rec = run_prune(tmp_path, method=Wanda(reconstruct=solver, hessian_mix=0.5), validate=False)
-    assert mask_hash(plain.masks) == mask_hash(rec.masks)
+    plain = run_prune(tmp_path, method=WandaMethod(), validate=False)
+    rec = run_prune(tmp_path, method=WandaMethod(reconstruct=solver, hessian_mix=0.5), validate=False)
+    assert mask_hash(plain.result.masks) == mask_hash(rec.result.masks)
     moved = 0
     for name, t in rec.targets.items():
-        w, keep = t.weight_view(), rec.masks[name]
+        w, keep = t.weight_view(), rec.result.masks[name]
         assert torch.count_nonzero(w[~keep]) == 0, name
         moved += int((w[keep] - plain.targets[name].weight_view()[keep]).abs().gt(1e-6).sum())
     assert moved > 0
-    assert rec.summary["sparsity_realised"]["targets"] == pytest.approx(0.5, abs=1e-3)
+    assert rec.result.sparsity_realised["targets"] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_sequential_selection_without_dual_weight_is_sparsegpt(tmp_path):
     """D-PRUNER's ``selection: sequential`` with exponent 0 scores by the OBS saliency alone: it must give
     SparseGPT's masks and weights on the same mixed Hessian (the dual pass's weights are discarded)."""
     from dpruner_lightning.config import MaskSpec
-    from dpruner_lightning.methods import DPrunerMethod, SparseGPT
+    from dpruner_lightning.methods import DPrunerMethod, SparseGPTMethod
     from tests.helpers import mask_hash, run_prune
 
     for mask in (MaskSpec(sparsity=0.5), MaskSpec(granularity="2:4")):
-        sgpt = run_prune(tmp_path, method=SparseGPT(hessian_mix=0.5), mask=mask, validate=False)
+        sgpt = run_prune(tmp_path, method=SparseGPTMethod(hessian_mix=0.5), mask=mask, validate=False)
         dp = run_prune(tmp_path, method=DPrunerMethod(reconstruct="obs", hessian_mix=0.5, selection="sequential",
                                                       dual_exponent=0.0), mask=mask, validate=False)
-        assert mask_hash(sgpt.masks) == mask_hash(dp.masks)
+        assert mask_hash(sgpt.result.masks) == mask_hash(dp.result.masks)
         for name, t in sgpt.targets.items():
             torch.testing.assert_close(t.weight_view(), dp.targets[name].weight_view(), rtol=1e-5, atol=1e-6)
         weighted = run_prune(tmp_path, method=DPrunerMethod(reconstruct="obs", hessian_mix=0.5, selection="sequential",
                                                             dual_exponent=1.0), mask=mask, validate=False)
-        assert mask_hash(weighted.masks) != mask_hash(sgpt.masks)  # the dual importance changes the choice
+        assert mask_hash(weighted.result.masks) != mask_hash(sgpt.result.masks)  # the dual importance changes the choice

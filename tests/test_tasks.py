@@ -16,8 +16,21 @@ from dpruner_lightning import assets, corpora
 from dpruner_lightning.data import pack_tokens, sample_blocks
 from dpruner_lightning.evaluation import MultipleChoiceTask, evaluate_multiple_choice
 from dpruner_lightning.models import byte_tokenizer
-from dpruner_lightning.tasks import (SummarizationTask, billsum, build_task, calibration_documents, evaluate_task,
-                                     greedy_generate, parse_task_specs, position_limit, prompt_ids, pubmed_titles, rouge, rouge_per_pair)
+from dpruner_lightning.tasks import (
+    SummarizationTask,
+    billsum,
+    build_task,
+    calibration_documents,
+    evaluate_summarization,
+    evaluate_task,
+    greedy_generate,
+    parse_task_specs,
+    position_limit,
+    prompt_ids,
+    pubmed_titles,
+    rouge,
+    rouge_per_pair,
+)
 
 from .conftest import tiny_model
 from .helpers import smoke_data
@@ -87,14 +100,14 @@ def test_summarization_runs_end_to_end(model, tok):
     records = [{"source": "The bill funds rural hospitals. " * 20, "summary": "Funds rural hospitals."},
                {"text": "Amends the tax code for farmers.", "summary": "Tax code amendment."}]  # hub field name
     task = billsum(records, max_new_tokens=6)
-    out = evaluate_multiple_choice(model, tok, task, max_length=128, return_details=True)  # the shared entry point
+    out = evaluate_summarization(model, tok, task, max_length=128, return_details=True)
     assert out["task"] == "billsum" and out["n"] == 2 and out["score_metric"] == "rougeL"
     for key in ("rouge1", "rouge2", "rougeL", "score"):
         assert 0.0 <= out[key] <= 1.0
     assert out["score"] == out["rougeL"] and out["score_ci"][0] <= out["score"] <= out["score_ci"][1]
     assert [d["reference"] for d in out["details"]] == ["Funds rural hospitals.", "Tax code amendment."]
     with pytest.raises(ValueError, match="reference field 'summary'"):
-        evaluate_multiple_choice(model, tok, billsum([{"source": "x"}]))
+        evaluate_task(model, tok, billsum([{"source": "x"}]))  # the one entry point for both kinds
 
 
 # -- PubMed titles -------------------------------------------------------------------------------------

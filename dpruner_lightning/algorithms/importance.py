@@ -4,7 +4,7 @@ Every tensor here is laid out ``out x in`` (see :mod:`targets`) and accumulated 
 these under ``torch.no_grad()``: an in-place update of a buffer with a tensor that requires grad
 silently records a graph that keeps every temporary alive.
 
-* General importance, ``taylor`` estimator (project brief):
+* General importance, ``taylor`` estimator (second-order Taylor expansion, as in the paper):
   ``G = | gbar * W + 0.5 * W^2 * F |`` with ``gbar`` the mean gradient and ``F`` the mean squared
   gradient over micro-batches (the empirical Fisher as diagonal Hessian; per-sample Fisher when a
   micro-batch holds one sequence).

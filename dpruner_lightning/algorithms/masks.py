@@ -148,8 +148,25 @@ def owl_sparsities(
     span = r.max() - r.min()
     density = (r - r.min()) / span * (2 * lam) if span > 0 else torch.zeros_like(r)
     density = density - (density * w).sum() / w.sum() + (1 - sparsity)  # weighted mean density = 1 - s
-    layer_sparsity = (1 - density).clamp(0.0, 0.999)
+    layer_sparsity = 1 - _clamp_keeping_mean(density, w, 1 - sparsity, low=0.001, high=1.0)
     return {b: float(s) for b, s in zip(blocks, layer_sparsity)}
+
+
+def _clamp_keeping_mean(x: torch.Tensor, w: torch.Tensor, mean: float, low: float, high: float) -> torch.Tensor:
+    """``x`` clamped to ``[low, high]`` with what the clamp removed spread over the entries still inside
+    the bounds, so the ``w``-weighted mean stays ``mean`` (at extreme sparsities a plain clamp moves the
+    overall sparsity by a percent or two). Each round pins at least one more entry: at most len(x) rounds."""
+    x = x.clone()
+    for _ in range(len(x) + 1):
+        x = x.clamp(low, high)
+        gap = mean * float(w.sum()) - float((x * w).sum())
+        if abs(gap) <= 1e-12 * float(w.sum()):
+            break
+        free = x < high if gap > 0 else x > low
+        if not bool(free.any()):
+            raise ValueError(f"cannot reach a mean of {mean} within [{low}, {high}]")
+        x[free] += gap / float(w[free].sum())
+    return x
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .hessian import InputStatistics
 from .targets import Target, block_index, find_decoder_blocks
 
-logger = logging.getLogger("dpruner_lightning.sequential")
+log = logging.getLogger(__name__)
 
 #: ``solve(name, target, H) -> keep-mask``: changes ``target``'s weight in place.
 Solve = Callable[[str, Target, Tensor], Tensor]
@@ -190,7 +190,7 @@ def sequential_blockwise(
             config.use_cache = False
         states = [capture_block_inputs(model, blocks, batches, device=device) for batches, _ in sets]
         weights = [w for _, w in sets]
-        logger.info("captured %s calibration batches at the input of %s", "+".join(str(len(b)) for b, _ in sets), prefix)
+        log.info("captured %s calibration batches at the input of %s", "+".join(str(len(b)) for b, _ in sets), prefix)
         for i, block in enumerate(blocks):
             home = next(iter(block.parameters()), torch.empty(0)).device
             if device is not None:
@@ -206,7 +206,7 @@ def sequential_blockwise(
                     hidden[j] = _block_output(block(h, **kw))  # inputs of the next block, from the solved one
             if device is not None:
                 block.to(home)
-            logger.info("block %d/%d: solved %d targets", i + 1, len(blocks), len(block_targets))
+            log.info("block %d/%d: solved %d targets", i + 1, len(blocks), len(block_targets))
     finally:
         model.train(was_training)
         if config is not None:

@@ -8,6 +8,7 @@ needs to know about ``Conv1D``.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -19,6 +20,8 @@ try:  # transformers is a dependency, but keep the pure-torch layer importable w
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 #: Default regex: linear layers inside numbered decoder blocks (``model.layers.3.mlp.up_proj``,
 #: ``transformer.h.0.attn.c_attn``, ``gpt_neox.layers.1.attention.query_key_value`` ...).
@@ -67,25 +70,60 @@ def find_targets(
     exclude_modules: str | Iterable[str] | None = None,
 ) -> dict[str, Target]:
     """Select the linear layers whose full dotted name matches a ``target_modules`` regex and no
-    ``exclude_modules`` regex (full match, as in peft). Raises ``ValueError`` if nothing matches."""
+    ``exclude_modules`` regex (full match, as in peft). Raises ``ValueError`` if nothing matches, or if
+    a target's weight is shared with another module (tied embeddings: pruning one would zero both)."""
     include = _compile(target_modules if target_modules is not None else DEFAULT_TARGETS)
     exclude = _compile(exclude_modules if exclude_modules is not None else DEFAULT_EXCLUDE)
     targets: dict[str, Target] = {}
-    linear_names = []
+    linear_names, excluded = [], []
     for name, module in model.named_modules():
         if not is_linear(module):
             continue
         linear_names.append(name)
-        if any(p.fullmatch(name) for p in include) and not any(p.fullmatch(name) for p in exclude):
-            targets[name] = Target(name, module, transposed=not isinstance(module, nn.Linear))
+        if any(p.fullmatch(name) for p in include):
+            if any(p.fullmatch(name) for p in exclude):
+                excluded.append(name)
+            else:
+                targets[name] = Target(name, module, transposed=not isinstance(module, nn.Linear))
+    # The message shows the patterns in force: a None in it would hide the default that excluded a layer.
+    shown_exclude = (f"exclude_modules={exclude_modules!r}" if exclude_modules is not None
+                     else f"exclude_modules=None, i.e. the default {DEFAULT_EXCLUDE!r}")
     if not targets:
         shown = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
+        why = (f" It selects {', '.join(excluded[:8])}, but all of them are excluded by {shown_exclude}: pass your own "
+               "exclude_modules (e.g. '$^' excludes nothing) to prune them." if excluded else "")
         raise ValueError(
-            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no linear "
-            f"layer of this model. Its linear layers are named like: {shown or 'none found'}. "
+            f"target_modules={target_modules!r} ({shown_exclude}) matches no linear layer of this model.{why} "
+            f"Its linear layers are named like: {shown or 'none found'}. "
             "Fix the regex (it must match the whole dotted name, e.g. '.*\\.mlp\\..*')."
         )
+    if excluded and target_modules is not None and exclude_modules is None:
+        log.warning("target_modules=%r also selects %s, left dense by the default exclude_modules %r; pass "
+                    "exclude_modules to prune them", target_modules, ", ".join(excluded[:8]), DEFAULT_EXCLUDE)
+    check_untied(model, targets)
     return targets
+
+
+def check_untied(model: nn.Module, targets: dict[str, Target]) -> None:
+    """Refuse a target whose weight is also another module's parameter (e.g. ``lm_head`` tied to the input
+    embedding by ``tie_word_embeddings``): masking it in place would zero the other one too."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            owners.setdefault(id(param), []).append(full)
+            if not param.is_meta and param.numel() > 0:  # separate Parameters over one storage count too
+                owners.setdefault(-param.data_ptr(), []).append(full)
+    for name, target in targets.items():
+        weight = target.weight
+        keys = [id(weight)] + ([-weight.data_ptr()] if not weight.is_meta and weight.numel() > 0 else [])
+        others = sorted({o for k in keys for o in owners.get(k, ()) if o != f"{name}.weight"})
+        if others:
+            raise ValueError(
+                f"target {name!r} shares its weight with {', '.join(others)} (tied weights): pruning it also zeroes "
+                f"the embedding {others[0]}. Leave it out (exclude_modules or a narrower target_modules), or untie "
+                "the weights with config_overrides: {tie_word_embeddings: false} in the model section."
+            )
 
 
 def _compile(patterns: str | Iterable[str]) -> list[re.Pattern]:

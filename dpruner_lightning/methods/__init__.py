@@ -1,4 +1,8 @@
-"""Pruning methods behind one interface (:class:`PruningMethod`): D-PRUNER and the baselines."""
+"""Pruning methods behind one interface (:class:`PruningMethod`): D-PRUNER and the baselines.
+
+Naming rule: every method class is ``<Name>Method``; its registry key (``name``) is the short form used
+in ``compare`` / ``sweep`` entries. The earlier class names (``Magnitude``, ``Wanda``, ``SparseGPT``,
+``LLMPruner``) stay importable as aliases, so existing configs keep working."""
 
 from __future__ import annotations
 
@@ -6,19 +10,23 @@ from typing import Any
 
 from .base import CalibrationPass, PruningMethod
 from .dpruner import DPrunerMethod
-from .llm_pruner import LLMPruner
-from .magnitude import Magnitude
-from .sparsegpt import SparseGPT
-from .wanda import Wanda
+from .llm_pruner import LLMPrunerMethod
+from .magnitude import MagnitudeMethod
+from .sparsegpt import SparseGPTMethod
+from .wanda import WandaMethod
 
 #: Registry of the built-in methods by their short name (the ``name`` of ``compare``/``sweep`` entries).
 METHODS: dict[str, type[PruningMethod]] = {
     "d_pruner": DPrunerMethod,
-    "magnitude": Magnitude,
-    "wanda": Wanda,
-    "sparsegpt": SparseGPT,
-    "llm_pruner": LLMPruner,
+    "magnitude": MagnitudeMethod,
+    "wanda": WandaMethod,
+    "sparsegpt": SparseGPTMethod,
+    "llm_pruner": LLMPrunerMethod,
 }
+
+
+# Earlier names of the classes (configs written before the naming rule use them as class_path).
+Magnitude, Wanda, SparseGPT, LLMPruner = MagnitudeMethod, WandaMethod, SparseGPTMethod, LLMPrunerMethod
 
 
 def method_class(name: str) -> type[PruningMethod]:
@@ -38,10 +46,10 @@ __all__ = [
     "CalibrationPass",
     "PruningMethod",
     "DPrunerMethod",
-    "Magnitude",
-    "Wanda",
-    "SparseGPT",
-    "LLMPruner",
+    "MagnitudeMethod",
+    "WandaMethod",
+    "SparseGPTMethod",
+    "LLMPrunerMethod",
     "METHODS",
     "make_method",
     "method_class",

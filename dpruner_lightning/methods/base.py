@@ -128,6 +128,12 @@ class PruningMethod:
         self.model = model
         self.targets = dict(targets)
 
+    def load_artifacts(self, groups: Mapping[str, Mapping[str, torch.Tensor]], saved_repr: str) -> list[str]:
+        """Take scores an earlier run saved (``{group: {target: tensor}}``, written by a method whose repr
+        was ``saved_repr``) instead of recomputing them; returns the names of the passes they replace.
+        Called before :meth:`prepare`. Methods that support resuming override it."""
+        raise NotImplementedError(f"{self.name} cannot resume from saved importance (D-PRUNER can)")
+
     def start_pass(self, p: CalibrationPass) -> None:
         if p.mode == "collect":
             self.batches[p.source] = []
@@ -137,6 +143,15 @@ class PruningMethod:
         """Read (and possibly modify) ``target.weight.grad`` after one micro-batch; return stats to log
         (0-dim tensors are fine and avoid a host sync per matrix)."""
         return {}
+
+    @torch.no_grad()
+    def sgd_step(self, p: CalibrationPass) -> None:
+        """One step of an ``sgd`` pass from ``target.weight.grad`` (as :meth:`after_backward` left it) at
+        :attr:`learning_rate`; the layer calls it after averaging the gradients over ranks. Plain SGD
+        in place; a method keeping fp32 master weights overrides it."""
+        for t in self.targets.values():
+            if t.weight.grad is not None:
+                t.weight.add_(t.weight.grad, alpha=-self.learning_rate)
 
     def collect(self, p: CalibrationPass, input_ids: torch.Tensor) -> None:
         self.batches.setdefault(p.source, []).append(input_ids.detach())
@@ -197,7 +212,11 @@ class PruningMethod:
             return reconstruct_(target.weight_view(), H, masks[name], self.reconstruct, self.damp, block_size)
 
         sequential_blockwise(self.model, self.targets, self.weighted_batches(), solve)
-        self.batches = {}  # the calibration activations are no longer needed
+
+    def release(self) -> None:
+        """Free what only :meth:`prune` needed (collected batches, copies of the weights); scores stay.
+        The layer calls it once the artifacts are saved; prune again only before it."""
+        self.batches = {}
 
     # -- helpers -----------------------------------------------------------------------------------
     def block_of(self) -> dict[str, int | None]:

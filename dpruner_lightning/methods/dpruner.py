@@ -3,7 +3,7 @@
 Pass 1 (open-domain data): general importance G, ``taylor`` or ``obs`` estimator, divided by one
 global scalar so its mean is 1. Pass 2 (domain data, ``dual_epochs`` epochs): plain SGD at learning
 rate ``alpha`` on ``L_next + lambda_reg * sum G (W - W0)^2`` with ``S += |g*W + 0.5*(g*W)^2|`` after
-every micro-batch (g: the regularised gradient, taken before clipping). Masks come from S and are
+every micro-batch (g: the regularised gradient, never clipped). Masks come from S and are
 applied to the original weights W0 (the fine-tuned weights are dropped unless
 ``keep_updated_weights``). Only target weights are updated; everything else stays frozen.
 
@@ -15,7 +15,7 @@ saliency times a power of its dual importance.
 Stability. Explicit SGD on the quadratic regulariser multiplies ``W - W0`` by ``1 - 2*alpha*lambda*G``
 every step, which diverges wherever ``2*alpha*lambda*G > 2``. The OBS saliency is heavy-tailed (on
 SmolLM2-135M, normalised to mean 1, its maximum is ~5e7 against a median of 0.014), so with the
-brief's alpha = 3e-4 and lambda = 0.1 a few dozen weights blow up and with them the whole dual pass.
+healthcare preset's alpha = 3e-4 and lambda = 0.1 a few dozen weights blow up and with them the whole dual pass.
 The default ``update="proximal"`` takes the regulariser implicitly:
 ``W' = (W - alpha*g_task + 2*alpha*lambda*G*W0) / (1 + 2*alpha*lambda*G)``, i.e. the SGD step with the
 gradient divided elementwise by ``1 + 2*alpha*lambda*G``. It is unconditionally stable and equals
@@ -43,10 +43,10 @@ from ..algorithms.hessian import InputStatistics, obs_saliency
 from ..algorithms.importance import (
     TaylorState,
     dual_accumulate_,
-    taylor_all_reduce_,
     normalise_mean_,
     regulariser_grad,
     taylor_accumulate_,
+    taylor_all_reduce_,
     taylor_score,
 )
 from ..config import MaskSpec
@@ -77,7 +77,7 @@ class DPrunerMethod(PruningMethod):
     ) -> None:
         """
         Args:
-            general_estimator: ``taylor`` (gradient + empirical Fisher, the brief's formula) or ``obs``
+            general_estimator: ``taylor`` (gradient + empirical Fisher, the paper's second-order Taylor term) or ``obs``
                 (SparseGPT's OBS saliency W^2 / diag(H^-1 chol)^2, what the paper's experiments used).
             lambda_reg: strength of the general-importance regulariser (G has mean 1).
             alpha: SGD learning rate of the dual pass (0: no update, S is a plain domain Taylor score).
@@ -125,6 +125,8 @@ class DPrunerMethod(PruningMethod):
         self.configure_reconstruction(reconstruct, hessian_mix)
         self.general: dict[str, torch.Tensor] = {}
         self.dual: dict[str, torch.Tensor] = {}
+        self.master: dict[str, torch.Tensor] = {}  # fp32 copies of 16-bit target weights during the dual pass
+        self._steps: dict[str, torch.Tensor] = {}
         self.general_scale: float | None = None
 
     def check_mask_spec(self, spec: MaskSpec) -> None:
@@ -140,6 +142,30 @@ class DPrunerMethod(PruningMethod):
         mode = "backward" if self.general_estimator == "taylor" else "forward"
         return [CalibrationPass("general", "general", mode), CalibrationPass("dual", "domain", "sgd", self.dual_epochs)]
 
+    def load_artifacts(self, groups, saved_repr: str) -> list[str]:
+        """G is reused when it was computed with the same ``general_estimator``; S only when every
+        setting is the same (it depends on lambda, alpha, epochs, update) and the fine-tuned weights are
+        not kept (they were not saved)."""
+        done = []
+        if groups.get("general_importance") and f"general_estimator={self.general_estimator!r}" in saved_repr:
+            self.general = {n: t.float() for n, t in groups["general_importance"].items()}
+            done.append("general")
+        same = saved_repr == repr(self)
+        if done and same and groups.get("dual_importance") and not self.keep_updated_weights:
+            self.dual = {n: t.float() for n, t in groups["dual_importance"].items()}
+            done.append("dual")
+        return done
+
+    def prepare(self, model, targets) -> None:
+        super().prepare(model, targets)
+        for scores in (self.general, self.dual):  # resumed scores: check them and put them on the device
+            for name in (set(scores) | set(self.targets)) if scores else ():
+                t = self.targets.get(name)
+                if t is None or name not in scores or tuple(scores[name].shape) != tuple(t.shape):
+                    raise ValueError(f"saved importance does not match this model's target {name!r}: resume from a run "
+                                     "of the same model and targets")
+                scores[name] = scores[name].to(t.weight.device)
+
     def start_pass(self, p: CalibrationPass) -> None:
         if p.mode == "collect":
             super().start_pass(p)
@@ -154,6 +180,10 @@ class DPrunerMethod(PruningMethod):
             # the masks are applied to (never re-read from disk).
             self.original = {n: t.weight_view().detach().clone() for n, t in self.targets.items()}
             self.dual = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.weight.device) for n, t in self.targets.items()}
+            # bf16 / fp16 weights cannot hold alpha-sized steps (most would round back to the same value):
+            # the dual pass updates fp32 master copies and writes them back rounded (see sgd_step).
+            self.master = {n: t.weight_view().detach().float().clone() for n, t in self.targets.items()
+                           if t.weight.dtype != torch.float32 and self.learning_rate > 0}
 
     @torch.no_grad()
     def after_backward(self, p: CalibrationPass) -> dict[str, torch.Tensor]:
@@ -162,22 +192,48 @@ class DPrunerMethod(PruningMethod):
                 taylor_accumulate_(self._taylor[name], t.weight_view(t.weight.grad))
             return {}
         # Norms stay on the device and are summed as tensors: one host sync per step, not one per matrix.
-        task_sq = reg_sq = torch.zeros((), dtype=torch.float32)
+        grads = {name: t.weight_view(t.weight.grad) for name, t in self.targets.items()}
+        task_sq = sum(g.float().pow(2).sum() for g in grads.values())
+        # max_grad_norm clips the TASK gradient of the step (global norm over the targets), before the
+        # regulariser and the proximal division, so the step is the closed form with a clipped g_task.
+        clip = 1.0
+        if self.max_grad_norm:
+            clip = (self.max_grad_norm / task_sq.sqrt().clamp_min(1e-30)).clamp(max=1.0)
+        reg_sq = torch.zeros((), dtype=torch.float32)
         for name, t in self.targets.items():
-            grad = t.weight_view(t.weight.grad)
-            weight = t.weight_view()
-            total = grad.float()
-            task_sq = task_sq.to(total.device) + total.pow(2).sum()
+            grad, task = grads[name], grads[name].float()
+            weight = self.master.get(name, t.weight_view())  # the fp32 master when the weights are 16-bit
+            total = task
+            step = task * clip
             if self.lambda_reg > 0:
                 reg = regulariser_grad(self.general[name], weight, self.original[name], self.lambda_reg)
                 reg_sq = reg_sq.to(reg.device) + reg.pow(2).sum()
-                total = total + reg
-                step = total
+                total = task + reg
+                step = step + reg
                 if self.update == "proximal":  # implicit regulariser: stable for any G (module docstring)
-                    step = total / self.general[name].mul(2.0 * self.alpha * self.lambda_reg).add_(1.0)
-                grad.copy_(step)  # what the SGD step applies
-            dual_accumulate_(self.dual[name], total, weight)
+                    step = step / self.general[name].mul(2.0 * self.alpha * self.lambda_reg).add_(1.0)
+            grad.copy_(step)  # what sgd_step applies (in the weights' dtype; the master takes it in fp32)
+            if name in self.master:
+                self._steps[name] = step
+            dual_accumulate_(self.dual[name], total, weight)  # S: the unclipped gradient of L_ours
         return {"dual/task_grad_norm": task_sq.sqrt(), "dual/reg_grad_norm": reg_sq.sqrt()}
+
+    @torch.no_grad()
+    def sgd_step(self, p: CalibrationPass) -> None:
+        """Plain SGD on fp32 weights; on 16-bit weights the fp32 masters take the step and the weights
+        are written from them. On several processes the layer has averaged ``grad`` over ranks: the
+        master uses that average (in the weights' dtype), not the local fp32 step."""
+        for name, t in self.targets.items():
+            if t.weight.grad is None:
+                continue
+            if name not in self.master:
+                t.weight.add_(t.weight.grad, alpha=-self.learning_rate)
+                continue
+            averaged = torch.distributed.is_available() and torch.distributed.is_initialized()
+            step = t.weight_view(t.weight.grad).float() if averaged else self._steps[name]
+            self.master[name].add_(step, alpha=-self.learning_rate)
+            t.weight_view().copy_(self.master[name])
+        self._steps = {}
 
     def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum) -> None:
         if p.name == "general":
@@ -229,13 +285,17 @@ class DPrunerMethod(PruningMethod):
 
     @torch.no_grad()
     def prune(self, spec: MaskSpec) -> dict[str, torch.Tensor]:
+        self.master = {}  # the fine-tuned values are in the weights already
         if not self.keep_updated_weights and getattr(self, "original", None):
             for name, t in self.targets.items():
                 t.weight_view().copy_(self.original[name])
-        self.original = {}
         if self.selection == "score":
             return super().prune(spec)
         return prune_sequentially(self, spec, priors=self.dual_priors())
+
+    def release(self) -> None:
+        super().release()
+        self.original, self.master = {}, {}
 
     def dual_priors(self) -> dict[str, torch.Tensor]:
         """``(S / mean S)^dual_exponent`` per target (floored at 1e-6 of the mean), the factor of the

@@ -36,7 +36,7 @@ from ..config import MaskSpec
 from .base import CalibrationPass, PruningMethod
 
 
-class LLMPruner(PruningMethod):
+class LLMPrunerMethod(PruningMethod):
     name = "llm_pruner"
     default_granularity = "layer"  # only used to read the sparsity; the real unit is a group
     #: Removes whole groups (shapes shrink) instead of returning masks: the Lightning layer then skips
@@ -134,4 +134,4 @@ class LLMPruner(PruningMethod):
         return {}
 
     def __repr__(self) -> str:
-        return f"LLMPruner(source={self.source!r}, attention={self.attention}, mlp={self.mlp})"
+        return f"LLMPrunerMethod(source={self.source!r}, attention={self.attention}, mlp={self.mlp})"

@@ -8,7 +8,7 @@ import torch
 from .base import PruningMethod
 
 
-class Magnitude(PruningMethod):
+class MagnitudeMethod(PruningMethod):
     name = "magnitude"
     default_granularity = "layer"
 
@@ -25,4 +25,4 @@ class Magnitude(PruningMethod):
         return {name: w.detach().float().abs() for name, w in self.weights().items()}
 
     def __repr__(self) -> str:
-        return f"Magnitude(reconstruct={self.reconstruct!r}, hessian_mix={self.hessian_mix})"
+        return f"MagnitudeMethod(reconstruct={self.reconstruct!r}, hessian_mix={self.hessian_mix})"

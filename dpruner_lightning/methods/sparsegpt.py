@@ -43,7 +43,7 @@ def check_sequential_mask_spec(spec: MaskSpec, default_granularity: str, who: st
         raise ValueError(f"{who} prunes every matrix at the same sparsity: allocation {spec.allocation!r} is not supported")
 
 
-class SparseGPT(PruningMethod):
+class SparseGPTMethod(PruningMethod):
     name = "sparsegpt"
     default_granularity = "block"
     multi_process = False
@@ -95,7 +95,7 @@ class SparseGPT(PruningMethod):
 
     def __repr__(self) -> str:
         extra = ", reconstruct='exact'" if self.reconstruct == "exact" else ""
-        return f"SparseGPT(hessian_mix={self.hessian_mix}, damp={self.damp}{extra})"
+        return f"SparseGPTMethod(hessian_mix={self.hessian_mix}, damp={self.damp}{extra})"
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from ..algorithms.hessian import InputStatistics
 from .base import CalibrationPass, PruningMethod
 
 
-class Wanda(PruningMethod):
+class WandaMethod(PruningMethod):
     name = "wanda"
     default_granularity = "row"
 
@@ -59,4 +59,4 @@ class Wanda(PruningMethod):
         return {n: w.detach().float().abs() * self.norms[n].to(w.device)[None, :] for n, w in self.weights().items()}
 
     def __repr__(self) -> str:
-        return f"Wanda(source={self.source!r}, reconstruct={self.reconstruct!r}, hessian_mix={self.hessian_mix})"
+        return f"WandaMethod(source={self.source!r}, reconstruct={self.reconstruct!r}, hessian_mix={self.hessian_mix})"

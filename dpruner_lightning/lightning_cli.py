@@ -1,0 +1,64 @@
+"""The LightningCLI of ``dpruner fit`` / ``dpruner validate``, also used by ``compare`` and ``sweep`` to
+validate and instantiate their configs (so every command reads the same YAML the same way)."""
+
+from __future__ import annotations
+
+import logging
+
+from lightning.pytorch.cli import LightningCLI
+
+from .data import CalibrationDataModule
+from .module import DPrunerModule
+from .rundir import claim_run_dir
+
+log = logging.getLogger(__name__)
+
+TRAINER_DEFAULTS = {
+    "enable_checkpointing": False,  # artifacts are saved explicitly (see callbacks.MaskApplication)
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 1,
+    "max_epochs": -1,  # set from the method's passes before fit (DPrunerModule.configure_trainer)
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "dpruner"},
+    },
+}
+
+
+def format_perplexities(perplexities: dict[str, dict[str, float]]) -> str:
+    names = sorted({n for v in perplexities.values() for n in v})
+    lines = ["perplexity " + " ".join(f"{n:>12}" for n in names)]
+    for stage, values in perplexities.items():
+        lines.append(f"{stage:<10} " + " ".join(f"{values.get(n, float('nan')):12.3f}" for n in names))
+    return "\n".join(lines)
+
+
+class DPrunerCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True, **kwargs) -> None:
+        super().__init__(
+            DPrunerModule,
+            CalibrationDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def _claim(self) -> None:
+        # Before the SaveConfigCallback writes config.yaml: an earlier run's folder is refused untouched.
+        if self.trainer.log_dir is not None:
+            claim_run_dir(self.trainer.log_dir, self.model.output.overwrite)
+
+    def before_fit(self) -> None:
+        self.model.configure_trainer(self.trainer)
+        self._claim()
+
+    def before_validate(self) -> None:
+        self._claim()
+
+    def after_fit(self) -> None:
+        """Validate the pruned model, so ``summary.json`` holds dense and pruned perplexity."""
+        self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        log.info("%s", format_perplexities(self.model.perplexities))
+        log.info("run directory: %s", self.trainer.log_dir)

@@ -1,0 +1,117 @@
+"""The dual pass in 16-bit weights (fp32 master copies), the clip-then-proximal order, and the loss
+scale of 16-mixed kept out of the scores."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import Precision
+
+from dpruner_lightning.algorithms.targets import find_targets
+from dpruner_lightning.config import MaskSpec, OutputSpec
+from dpruner_lightning.methods import DPrunerMethod
+from dpruner_lightning.module import DPrunerModule
+from dpruner_lightning.pruning import calibrate
+
+from .conftest import tiny_model
+from .helpers import smoke_data, tiny_spec
+
+
+def _batches(seed: int, n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 257, (2, 16), generator=g) for _ in range(n)]
+
+
+def _dual(model, **kw) -> tuple[DPrunerMethod, dict, dict]:
+    targets = find_targets(model)
+    w0 = {n: t.weight_view().detach().float().clone() for n, t in targets.items()}
+    method = DPrunerMethod(**kw)
+    method.prepare(model, targets)
+    calibrate(model, targets, method, {"general": _batches(0), "domain": _batches(1)})
+    return method, targets, w0
+
+
+def test_bf16_dual_pass_moves_the_weights_as_the_fp32_one_does():
+    kw = dict(alpha=3e-4, lambda_reg=0.1)
+    fp32, targets32, w0 = _dual(tiny_model("llama"), **kw)
+    bf16, targets16, _ = _dual(tiny_model("llama").to(torch.bfloat16), **kw)
+    for name, t in targets16.items():
+        want = targets32[name].weight_view().float() - w0[name]
+        got = bf16.master[name] - w0[name].to(torch.bfloat16).float()
+        # bf16 forwards change the gradients by about bf16's precision, not by whole steps.
+        assert float((got - want).norm() / want.norm()) < 0.05, name
+        # The weights the model runs with are the masters rounded, nothing else.
+        assert torch.equal(t.weight_view(), bf16.master[name].to(torch.bfloat16))
+    moved = sum(int((bf16.master[n] != w0[n].to(torch.bfloat16).float()).sum()) for n in targets16)
+    assert moved > 0.9 * sum(w.numel() for w in w0.values())  # stepping bf16 directly left ~99% unmoved
+
+
+def test_max_grad_norm_clips_the_task_gradient_before_the_proximal_step():
+    model = tiny_model("llama")
+    targets = find_targets(model)
+    lam, alpha, max_norm = 0.5, 0.05, 1e-3
+    method = DPrunerMethod(alpha=alpha, lambda_reg=lam, max_grad_norm=max_norm)
+    method.prepare(model, targets)
+    batch = _batches(1, 1)
+    calibrate(model, targets, method, {"general": _batches(0), "domain": []})  # G only
+    w0 = {n: t.weight_view().detach().clone() for n, t in targets.items()}
+    reference = copy.deepcopy(model)
+    calibrate(model, targets, method, {"general": [], "domain": batch}, passes=[method.passes()[1]])
+    # Closed form: W' = (W - alpha * c * g + 2 alpha lambda G W0) / (1 + 2 alpha lambda G), c = min(1, max / |g|).
+    ref_targets = find_targets(reference)
+    for t in ref_targets.values():
+        t.weight.requires_grad_(True)
+    reference(input_ids=batch[0], labels=batch[0]).loss.backward()
+    grads = {n: t.weight_view(t.weight.grad) for n, t in ref_targets.items()}
+    c = min(1.0, max_norm / float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))))
+    assert c < 0.1  # the clip is active
+    for name, t in targets.items():
+        G, W = method.general[name], w0[name]
+        expected = (W - alpha * c * grads[name] + 2 * alpha * lam * G * W) / (1 + 2 * alpha * lam * G)
+        torch.testing.assert_close(t.weight_view(), expected, rtol=1e-5, atol=1e-7)
+
+
+class _ScaledLoss(Precision):
+    """A stand-in for 16-mixed's loss scaler on CPU: the loss is multiplied by ``scale`` before backward."""
+
+    class _Scaler:
+        def __init__(self, scale: float) -> None:
+            self.scale = scale
+
+        def is_enabled(self) -> bool:
+            return True
+
+        def get_scale(self) -> float:
+            return self.scale
+
+        def get_backoff_factor(self) -> float:
+            return 0.5
+
+        def update(self, new_scale: float) -> None:
+            self.scale = new_scale
+
+    def __init__(self, scale: float) -> None:
+        self.scaler = self._Scaler(scale)
+
+    def pre_backward(self, tensor, module):
+        return super().pre_backward(tensor * self.scaler.scale, module)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1024.0])
+def test_a_loss_scale_never_reaches_the_scores(tmp_path, scale):
+    def run(precision_plugin):
+        module = DPrunerModule(model=tiny_spec(), method=DPrunerMethod(alpha=1e-3), mask=MaskSpec(sparsity=0.5),
+                               output=OutputSpec(export_model=False, save_importance=False, save_masks=False))
+        trainer = L.Trainer(**module.trainer_kwargs(), accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=str(tmp_path), plugins=[precision_plugin] if precision_plugin else None)
+        trainer.fit(module, smoke_data())
+        return module.method
+
+    plain, scaled = run(None), run(_ScaledLoss(scale))
+    for name in plain.dual:
+        torch.testing.assert_close(scaled.general[name], plain.general[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(scaled.dual[name], plain.dual[name], rtol=1e-4, atol=1e-6)
