@@ -1,11 +1,13 @@
 """Writing results: every file is written to a temporary name and renamed into place, so an
 interrupted run never leaves a half-written file over an earlier good one. Export folders are
 written aside and swapped in only over an empty folder or one this package wrote (never over the
-user's files), and nothing holding NaN / inf is exported."""
+user's files), and nothing holding NaN / inf is exported. A tensor file that cannot be read back as
+saved raises :class:`CorruptCheckpointError` naming the file (and the tensor)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +17,21 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
+
+from .sparse_format import (
+    CHECKSUM_FILE,
+    PARTS,
+    REEXPORT,
+    SPARSE_FILE,
+    SPARSE_FORMAT,
+    CorruptCheckpointError,
+    checksum_table,
+    pack_sparse,
+    unpack_sparse,
+    verify_checksums,
+)
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -55,6 +72,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str, hint: str = "")
                                  + (f"; {hint}" if hint else ""))
 
 
+# -- safetensors files -------------------------------------------------------------------------------
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
     """Safetensors file of CPU-contiguous copies (bool masks are stored as uint8)."""
     from safetensors.torch import save_file
@@ -76,12 +94,22 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
     return path
 
 
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file; a truncated or garbage file raises
+    :class:`CorruptCheckpointError` naming ``path``."""
+    from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"no tensor file at {path}")
-    return load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})
+    except SafetensorError as e:  # truncated, garbage, a broken header: safetensors' message names no file
+        raise CorruptCheckpointError(f"{path}: not a readable safetensors file ({e}): {REEXPORT}") from e
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    return read_safetensors(path)[0]
 
 
 # -- artifact folders: written aside, swapped in only over an empty folder or one we wrote -----------
@@ -190,32 +218,7 @@ def write_hf_folder(model: torch.nn.Module, tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
-# -- sparse storage: a bitmask plus the kept values ------------------------------------------------
-SPARSE_FILE = "sparse_model.safetensors"
-
-
-@torch.no_grad()
-def pack_sparse(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A matrix as ``bits`` (1 bit per entry, set = non-zero, packed little-endian into uint8) and
-    ``values`` (the non-zero entries in row-major order, in the weight's dtype)."""
-    import numpy as np
-
-    flat = weight.detach().reshape(-1).cpu()
-    nonzero = flat != 0
-    bits = torch.from_numpy(np.packbits(nonzero.numpy(), bitorder="little"))
-    return {"bits": bits, "values": flat[nonzero].contiguous(), "shape": torch.tensor(list(weight.shape))}
-
-
-def unpack_sparse(bits: torch.Tensor, values: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    import numpy as np
-
-    n = int(torch.prod(shape))
-    nonzero = torch.from_numpy(np.unpackbits(bits.numpy(), count=n, bitorder="little").astype(bool))
-    dense = torch.zeros(n, dtype=values.dtype)
-    dense[nonzero] = values
-    return dense.view(*shape.tolist())
-
-
+# -- the sparse checkpoint folder (the format itself: sparse_format.py) ---------------------------------
 def save_sparse_model(model: torch.nn.Module, target_names: list[str], tokenizer, folder: str | Path) -> Path:
     """Our sparse format: the HF config (+ tokenizer) and ONE safetensors file in which every target
     weight is a bitmask plus its kept values and every other tensor is stored dense. At 50% sparsity a
@@ -233,30 +236,67 @@ def save_sparse_model(model: torch.nn.Module, target_names: list[str], tokenizer
             for part, t in pack_sparse(tensor).items():
                 tensors[f"{name}::{part}"] = t
         else:
-            tensors[name] = tensor
+            tensors[name] = tensor.detach().contiguous().cpu()  # the bytes save_tensors stores
     with artifact_folder(folder, "sparse_model") as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_tensors(tmp / SPARSE_FILE, tensors, {"format": "dpruner-sparse-v1"})
+        save_tensors(tmp / SPARSE_FILE, tensors, {"format": SPARSE_FORMAT})
+        atomic_write_json(tmp / CHECKSUM_FILE, {"algorithm": "sha256", "file": SPARSE_FILE,
+                                                "tensors": checksum_table(tensors)})
     return Path(folder)
 
 
-def load_sparse_model(folder: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """The model saved by :func:`save_sparse_model`, as a regular (dense-tensor) HF causal LM."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = Path(folder)
-    tensors = load_tensors(folder / SPARSE_FILE)
+def read_sparse_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The (dense) state dict stored in a sparse checkpoint folder, checked as sparse_format's docstring says."""
+    path = Path(folder) / SPARSE_FILE
+    tensors, metadata = read_safetensors(path)  # a truncated / garbage file raises, naming it
+    verified = verify_checksums(path, tensors, path.with_name(CHECKSUM_FILE))
+    if not verified:
+        log.warning("%s has no checksums (written before they were recorded): it cannot be verified; "
+                    "re-export it to add them", path)
+    # A structural fault in a verified file was written that way (its bytes are as saved).
+    hint = "its checksums match, so it was written inconsistently: re-export it" if verified else REEXPORT
+    if metadata.get("format") != SPARSE_FORMAT:
+        raise CorruptCheckpointError(f"{path}: format tag {metadata.get('format')!r}, expected {SPARSE_FORMAT!r}: "
+                                     "not a sparse checkpoint written by save_sparse_model, or its header was modified")
     state: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         name, sep, part = key.partition("::")
         if not sep:
             state[name] = t
-        elif part == "bits":
-            state[name] = unpack_sparse(t, tensors[f"{name}::values"], tensors[f"{name}::shape"])
+        elif part in PARTS:
+            packed.setdefault(name, {})[part] = t
+        else:
+            raise CorruptCheckpointError(f"{path}: tensor {key!r} is no part of a packed weight "
+                                         f"({'/'.join(PARTS)}): {hint}")
+    for name, parts in packed.items():
+        missing = [p for p in PARTS if p not in parts]
+        if missing:
+            have = ", ".join(f"'{name}::{p}'" for p in parts)
+            raise CorruptCheckpointError(f"{path}: tensor '{name}::{missing[0]}' is missing "
+                                         f"(the file has {have}): {hint}")
+        if name in state:
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} is stored both dense and packed: {hint}")
+        state[name] = unpack_sparse(parts["bits"], parts["values"], parts["shape"],
+                                    where=f"{path}: tensor {name!r}", hint=hint)
+    return state
+
+
+def load_sparse_model(folder: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model saved by :func:`save_sparse_model`, as a regular (dense-tensor) HF causal LM. A damaged
+    checkpoint raises :class:`CorruptCheckpointError` naming the file and the tensor; one saved before
+    checksums were recorded loads with a warning that it cannot be verified."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    state = read_sparse_state(folder)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit the config; torch's message names the tensors
+        raise RuntimeError(f"{folder / SPARSE_FILE}: sparse checkpoint does not match the config: {e}") from e
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied - {k for k in missing if k.endswith("lm_head.weight")}:
         raise RuntimeError(f"{folder}: sparse checkpoint does not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
