@@ -26,6 +26,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
+from .callbacks import run_dir
 from .config import MaskSpec, ModelSpec, OutputSpec
 from .data import CalibrationDataModule, TextSource
 from .export import artifact_folder, atomic_write_json, save_tensors, write_hf_folder
@@ -223,7 +224,7 @@ class DPruner:
             else:
                 self._unpruned = {name: t.weight.detach().cpu().clone() for name, t in targets.items()}
         result = self.module.apply_pruning(self.config.mask_spec())
-        folder = Path(self.trainer.log_dir)  # the dual pass's run folder
+        folder = run_dir(self.trainer)  # the dual pass's run folder
         self.module.artifacts.update(save_artifacts(folder, result, self.module.model, self.module.tokenizer,
                                                     self.module.method, self.module.output))
         atomic_write_json(folder / "summary.json", {**self.module.run_summary(), "status": "complete"})

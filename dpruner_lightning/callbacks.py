@@ -42,10 +42,20 @@ from .rundir import claim_run_dir, release_lock
 log = logging.getLogger(__name__)
 
 
+#: Where a run without a logger writes when the Trainer's root is the current directory: artifacts
+#: never land loose in the directory the user happens to be in.
+UNLOGGED = Path("runs") / "unlogged"
+
+
 def run_dir(trainer: L.Trainer) -> Path:
-    """The run's log directory. ``trainer.log_dir`` is a collective (a broadcast) on several processes:
-    call this on EVERY rank, and only then skip the writing on ranks other than 0."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run's folder: the logger's directory, else ``default_root_dir`` unless that is the current
+    directory (Lightning's default), then ``runs/unlogged`` under it. ``trainer.log_dir`` is a
+    collective (a broadcast) on several processes: call this on EVERY rank, and only then skip the
+    writing on ranks other than 0."""
+    out = Path(trainer.log_dir or trainer.default_root_dir)
+    if not trainer.loggers and out.resolve() == Path.cwd().resolve():
+        out = out / UNLOGGED
+    return out
 
 
 def tensorboard(trainer: L.Trainer):
@@ -328,7 +338,7 @@ class RunSummary(L.Callback):
         if not trainer.is_global_zero:
             return
         try:  # no collective here: the other ranks may not have failed
-            out = Path(trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir)
+            out = Path(trainer.logger.log_dir) if trainer.logger is not None else run_dir(trainer)  # no broadcast without a logger
             summary = {**pl_module.run_summary(), "status": status, "error": f"{type(exception).__name__}: {exception}"}
             atomic_write_json(out / "summary.json", summary)
             release_lock(out)

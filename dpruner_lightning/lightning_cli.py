@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from .callbacks import run_dir
 from .data import CalibrationDataModule
 from .module import DPrunerModule
 from .rundir import claim_run_dir
@@ -33,11 +34,27 @@ def format_perplexities(perplexities: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+class SaveRunConfig(SaveConfigCallback):
+    """``config.yaml`` into the run folder (:func:`~dpruner_lightning.callbacks.run_dir`: never loose in
+    the current directory when there is no logger). The folder was claimed before fit / validate."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        out = run_dir(trainer)  # a collective: on every rank
+        if trainer.is_global_zero:
+            out.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(out / self.config_filename), skip_none=False, overwrite=True,
+                             multifile=self.multifile)
+        self.already_saved = True
+
+
 class DPrunerCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True, **kwargs) -> None:
         super().__init__(
             DPrunerModule,
             CalibrationDataModule,
+            save_config_callback=SaveRunConfig,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
             args=args,
@@ -47,8 +64,7 @@ class DPrunerCLI(LightningCLI):
 
     def _claim(self) -> None:
         # Before the SaveConfigCallback writes config.yaml: an earlier run's folder is refused untouched.
-        if self.trainer.log_dir is not None:
-            claim_run_dir(self.trainer.log_dir, self.model.output.overwrite)
+        claim_run_dir(run_dir(self.trainer), self.model.output.overwrite)
 
     def before_fit(self) -> None:
         self.model.configure_trainer(self.trainer)
@@ -61,4 +77,4 @@ class DPrunerCLI(LightningCLI):
         """Validate the pruned model, so ``summary.json`` holds dense and pruned perplexity."""
         self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         log.info("%s", format_perplexities(self.model.perplexities))
-        log.info("run directory: %s", self.trainer.log_dir)
+        log.info("run directory: %s", run_dir(self.trainer))

@@ -59,7 +59,10 @@ def test_compare_writes_one_row_per_method(compare_run):
         assert "error" not in row, row
         assert math.isfinite(row["ppl_domain"]) and math.isfinite(row["ppl_general"]), name
         assert row["peak_memory_bytes"] > 0 and row["seconds_total"] > 0
-        assert (Path(row["log_dir"]) / "summary.json").exists() and (Path(row["log_dir"]) / "config.yaml").exists()
+        summary = json.loads((Path(row["log_dir"]) / "summary.json").read_text())
+        assert summary["status"] == "complete", name
+        stage = "dense" if name == "dense" else "pruned"
+        assert summary["perplexity"][stage]["domain"] == pytest.approx(row["ppl_domain"]), name
     assert rows["dense"]["sparsity_targets"] == 0 and rows["dense"]["compression_ratio"] == 1.0
     for name in UNSTRUCTURED:
         assert rows[name]["sparsity_targets"] == pytest.approx(0.5, abs=1e-3), name
@@ -69,8 +72,11 @@ def test_compare_writes_one_row_per_method(compare_run):
     assert structured["sparsity_targets"] == pytest.approx(0.5, abs=0.05)
     assert structured["parameters"]["all"] < structured["parameters"]["all_dense"]
     assert structured["compression_ratio"] == pytest.approx(structured["parameters"]["all_dense"] / structured["parameters"]["all"])
-    # Every row saw the same data: the dense perplexity does not depend on which row tokenised it.
-    assert rows["dense"]["ppl_domain"] > 1
+    # Every row saw the same data and model settings: only the method (and mask) sections differ.
+    configs = {n: yaml.safe_load((Path(r["log_dir"]) / "config.yaml").read_text()) for n, r in rows.items()}
+    for name, config in configs.items():
+        assert config["data"] == configs["dense"]["data"], name
+        assert config["model"]["model"] == configs["dense"]["model"]["model"], name
 
 
 def test_compare_markdown_and_tensorboard_text(compare_run):

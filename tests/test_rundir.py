@@ -174,3 +174,16 @@ def test_compare_killed_mid_way_keeps_finished_rows_and_the_restart_appends(tmp_
     assert final["rows"][:2] == first["rows"]  # finished rows kept as they were, not re-run
     assert "partial" not in (tmp_path / "out" / "comparison.md").read_text()
     assert "finished in an earlier run" in proc.stderr
+
+
+def test_a_run_without_logger_never_writes_into_the_current_directory(tmp_path):
+    config = tmp_path.parent / f"{tmp_path.name}.yaml"  # outside the folder whose contents are checked
+    config.write_text(SMOKE.read_text().replace("path: configs/", f"path: {REPO}/configs/"))
+    proc = subprocess.run([sys.executable, "-m", "dpruner_lightning.cli", "fit", "--config", str(config),
+                           "--trainer.logger", "false", "--model.output.export_sparse", "false"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    run = tmp_path / "runs" / "unlogged"
+    assert _summary(run)["status"] == "complete" and (run / "pruned_model" / "config.json").exists()

@@ -13,9 +13,10 @@ block by block, on a domain / open-domain / mixed Hessian (see :mod:`..algorithm
 saliency times a power of its dual importance.
 
 Stability. Explicit SGD on the quadratic regulariser multiplies ``W - W0`` by ``1 - 2*alpha*lambda*G``
-every step, which diverges wherever ``2*alpha*lambda*G > 2``. The OBS saliency is heavy-tailed (on
-SmolLM2-135M, normalised to mean 1, its maximum is ~5e7 against a median of 0.014), so with the
-healthcare preset's alpha = 3e-4 and lambda = 0.1 a few dozen weights blow up and with them the whole dual pass.
+every step, which diverges wherever ``2*alpha*lambda*G > 2``. The OBS saliency is heavy-tailed (its
+maximum can be many orders of magnitude above its median; the README gives a measured case), so even
+with the healthcare preset's alpha = 3e-4 and lambda = 0.1 a few weights can blow up, and with them the
+whole dual pass.
 The default ``update="proximal"`` takes the regulariser implicitly:
 ``W' = (W - alpha*g_task + 2*alpha*lambda*G*W0) / (1 + 2*alpha*lambda*G)``, i.e. the SGD step with the
 gradient divided elementwise by ``1 + 2*alpha*lambda*G``. It is unconditionally stable and equals
