@@ -76,6 +76,16 @@ def test_step_by_step_api_on_tiny_model(tmp_path):
     w = reloaded.model.layers[0].mlp.up_proj.weight
     assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
     assert torch.equal(w, pruner.model.model.layers[0].mlp.up_proj.weight)
+    # Pruning again at another sparsity starts from the unpruned weights (it failed on cached masks before),
+    # and going back to 0.5 gives exactly the first result.
+    first = {n: m.clone() for n, m in masks.items()}
+    weights = {n: t.weight.detach().clone() for n, t in pruner.module.targets.items()}
+    more = pruner.step3_prune_model(0.7)
+    assert all(abs(float((~m).float().mean()) - 0.7) < 1e-3 for m in more.values())
+    assert all(bool((first[n] | ~more[n]).all()) for n in more)  # the 0.7 masks keep a subset of the 0.5 ones
+    again = pruner.step3_prune_model(0.5)
+    assert all(torch.equal(again[n], first[n]) for n in first)
+    assert all(torch.equal(t.weight, weights[n]) for n, t in pruner.module.targets.items())
 
 
 def test_dpruner_takes_what_is_not_given_from_the_config(tmp_path):
