@@ -19,6 +19,7 @@ Each step is a ``Trainer.fit`` over one pass of :class:`~dpruner_lightning.modul
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -51,6 +52,15 @@ def canonical_domain(domain: str) -> str:
     return d
 
 
+def _default(cls: type, name: str) -> Any:
+    """The default of ``name`` where it is defined (a spec field or an ``__init__`` argument), so the
+    names here never carry defaults of their own."""
+    fields = getattr(cls, "__dataclass_fields__", None)
+    if fields is not None:
+        return fields[name].default
+    return inspect.signature(cls.__init__).parameters[name].default
+
+
 @dataclass
 class DPrunerConfig:
     """Settings of a D-PRUNER run under the original D-PRUNER README's names, which map onto the typed
@@ -73,29 +83,30 @@ class DPrunerConfig:
     ``batch_size``, ``seed``    ``CalibrationDataModule.batch_size``, ``.seed`` (seed: also ``ModelSpec.seed``)
     ==========================  ==============================================
 
-    ``domain`` picks the per-domain preset of ``lambda_reg`` / ``alpha`` unless they are given."""
+    ``domain`` picks the per-domain preset of ``lambda_reg`` / ``alpha`` unless they are given; every
+    other default is the spec's own."""
 
-    model_name: str = "smollm2-135m"
-    sparsity_ratio: float = 0.5
+    model_name: str = _default(ModelSpec, "name_or_path")
+    sparsity_ratio: float = _default(MaskSpec, "sparsity")
     domain: str = "healthcare"
-    batch_size: int = 1
+    batch_size: int = _default(CalibrationDataModule, "batch_size")
     lambda_reg: Optional[float] = None
     """Strength of the general-importance regulariser; default: the domain's preset (healthcare 0.1)."""
     alpha: Optional[float] = None
     """SGD learning rate of the dual pass; default: the domain's preset (healthcare 3e-4)."""
     use_iterative_blocking: bool = False
     """Masks per block of ``block_size`` input columns (the paper's iterative blocking) instead of per matrix."""
-    block_size: int = 128
-    num_epochs: int = 1
+    block_size: int = _default(MaskSpec, "block_size")
+    num_epochs: int = _default(DPrunerMethod, "dual_epochs")
     """Epochs of the regularised dual pass over the domain texts."""
-    max_length: int = 128
+    max_length: int = _default(CalibrationDataModule, "seq_len")
     """Tokens per calibration / evaluation sequence."""
-    calibration_samples: int = 64
+    calibration_samples: int = _default(CalibrationDataModule, "num_samples")
     """Sequences drawn from each calibration set."""
     device: str = "auto"
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
-    general_estimator: str = "taylor"
-    dtype: str = "float32"
+    general_estimator: str = _default(DPrunerMethod, "general_estimator")
+    dtype: str = _default(ModelSpec, "dtype")
     tokenizer: Optional[str] = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
