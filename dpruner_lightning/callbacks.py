@@ -53,7 +53,7 @@ def run_dir(trainer: L.Trainer) -> Path:
     collective (a broadcast) on several processes: call this on EVERY rank, and only then skip the
     writing on ranks other than 0."""
     out = Path(trainer.log_dir or trainer.default_root_dir)
-    if not trainer.loggers and out.resolve() == Path.cwd().resolve():
+    if out.resolve() == Path.cwd().resolve():  # no logger (or fast_dev_run's dummy one) and no root given
         out = out / UNLOGGED
     return out
 

@@ -34,7 +34,27 @@ BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADire
              UnicodeDecodeError, json.JSONDecodeError, KeyError)
 
 
+USAGE = """usage: dpruner <command> [options]   (dpruner <command> --help for its options)
+
+commands:
+  fit       calibration passes, masks, validation; artifacts in the run folder (--config configs/<name>.yaml)
+  validate  perplexity of the model on the evaluation sets
+  compare   dense + several methods on the same data (a config with a 'compare:' section)
+  sweep     one or more methods over several sparsities (a config with a 'sweep:' section)
+  speed     latency, tokens/s and memory of a (pruned) model with each sparse backend available here
+
+options for every command: --verbose (show the traceback of an error)"""
+COMMANDS = ("fit", "validate", "compare", "sweep", "speed")
+
+
 def run(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        if not argv:
+            raise SystemExit(2)
+        return
+    if argv[0] not in COMMANDS:
+        raise ValueError(f"unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)} (dpruner --help)")
     if argv and argv[0] in ("compare", "sweep"):
         from .comparison import run_subcommand
 

@@ -56,11 +56,17 @@ class DPrunerCLI(LightningCLI):
             CalibrationDataModule,
             save_config_callback=SaveRunConfig,
             trainer_defaults=TRAINER_DEFAULTS,
+            auto_configure_optimizers=False,  # the passes' steps are the method's: no optimizer options
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
             **kwargs,
         )
+
+    @staticmethod
+    def subcommands() -> dict:
+        """``fit`` and ``validate`` only: a pruning module has no test or predict step."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
     def _claim(self) -> None:
         # Before the SaveConfigCallback writes config.yaml: an earlier run's folder is refused untouched.

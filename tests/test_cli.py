@@ -86,3 +86,24 @@ def test_print_config_lists_the_method():
                            "--print_config"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "dpruner_lightning.methods.DPrunerMethod" in proc.stdout and "lambda_reg: 0.1" in proc.stdout
+
+
+def _dpruner(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpruner_lightning.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_help_lists_exactly_the_working_commands():
+    out = _dpruner("--help")
+    assert out.returncode == 0
+    listed = [line.split()[0] for line in out.stdout.split("commands:")[1].strip().splitlines()[:5]]
+    assert listed == ["fit", "validate", "compare", "sweep", "speed"]
+    for gone in ("test", "predict"):  # a pruning module has no test / predict step: refused, not crashed
+        proc = _dpruner(gone, "--config", "configs/smoke.yaml")
+        assert proc.returncode == 2 and f"unknown command {gone!r}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_print_config_has_no_optimizer_keys():
+    out = _dpruner("fit", "--config", "configs/smoke.yaml", "--print_config")
+    assert out.returncode == 0 and "model:" in out.stdout
+    assert "optimizer" not in out.stdout and "lr_scheduler" not in out.stdout

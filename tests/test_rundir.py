@@ -66,7 +66,8 @@ def test_an_earlier_run_is_refused_and_overwrite_removes_only_what_a_run_wrote(t
 
 
 def test_fit_into_a_used_folder_fails_clearly_then_overwrite_replaces_it(tmp_path):
-    _fit(tmp_path)
+    proc = _fit(tmp_path)
+    assert "litlogger" not in proc.stderr and "args parameter is intended" not in proc.stderr  # no noise
     run = tmp_path / "smoke" / "fixed"
     first = _summary(run)
     assert first["status"] == "complete" and first["perplexity"]["pruned"]["domain"] > 1
