@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 
 from . import models
+from .estimate import check_fits, estimate_memory
 from .export import atomic_write_json, check_finite, check_replaceable
 from .memory import PeakMemory
 from .pruning import check_mask_shapes, check_weights_finite, save_artifacts, save_importance
@@ -183,6 +184,10 @@ class CalibrationPasses(L.Callback):
             return
         check_multi_process(trainer, pl_module)
         check_schedule(trainer, pl_module)
+        if datamodule is not None and hasattr(datamodule, "batch_size") and pl_module.model is None:
+            estimate = estimate_memory(pl_module.model_spec, pl_module.method, pl_module.target_spec,
+                                       datamodule.batch_size, datamodule.seq_len)
+            check_fits(estimate, trainer.strategy.root_device, f"{pl_module.method.name} on {pl_module.model_spec.name_or_path}")
         self._serve(trainer, pl_module, 0)
 
     @staticmethod

@@ -95,25 +95,32 @@ def check_model_source(spec: ModelSpec) -> None:
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
+def load_config(spec: ModelSpec):
+    """The model's HF config alone (no weights are read); None for a GGUF file whose metadata
+    transformers (or a missing gguf package) cannot map: the load then decides."""
+    if spec.name_or_path.startswith("random:"):
+        return _random_config(spec)
+    from transformers import AutoConfig
+
+    check_model_source(spec)
+    kwargs = dict(trust_remote_code=spec.trust_remote_code, **spec.config_overrides)
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    try:
+        return AutoConfig.from_pretrained(resolve_name(spec.name_or_path), **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        if spec.gguf_file:
+            return None
+        if isinstance(err, OSError):
+            raise _unreachable(spec, err) from err
+        raise
+
+
 def _position_limit(spec: ModelSpec) -> Optional[tuple[int, str]]:
     """``(positions, config key)`` from the model's config alone (no weights are read), or None."""
-    if spec.name_or_path.startswith("random:"):
-        config = _random_config(spec)
-    else:
-        from transformers import AutoConfig
-
-        check_model_source(spec)
-        kwargs = dict(trust_remote_code=spec.trust_remote_code, **spec.config_overrides)
-        if spec.gguf_file:
-            kwargs["gguf_file"] = spec.gguf_file
-        try:
-            config = AutoConfig.from_pretrained(resolve_name(spec.name_or_path), **kwargs)
-        except (OSError, ValueError, ImportError) as err:
-            if spec.gguf_file:
-                return None  # GGUF metadata transformers (or a missing gguf package) cannot map: the load decides
-            if isinstance(err, OSError):
-                raise _unreachable(spec, err) from err
-            raise
+    config = load_config(spec)
+    if config is None:
+        return None
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     aliases = getattr(config, "attribute_map", {})  # GPT-2: max_position_embeddings -> n_positions
     for key in _POSITION_KEYS:

@@ -115,3 +115,48 @@ def test_a_loss_scale_never_reaches_the_scores(tmp_path, scale):
     for name in plain.dual:
         torch.testing.assert_close(scaled.general[name], plain.general[name], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(scaled.dual[name], plain.dual[name], rtol=1e-4, atol=1e-6)
+
+
+def test_memory_estimate_counts_what_the_passes_hold_and_refuses_a_run_that_cannot_fit(tmp_path, monkeypatch):
+    from dpruner_lightning.config import TargetSpec
+    from dpruner_lightning.estimate import estimate_memory
+
+    spec = tiny_spec()
+    est32 = estimate_memory(spec, DPrunerMethod(), TargetSpec(), batch_size=2, seq_len=32)
+    model = tiny_model("llama")
+    targets = find_targets(model)
+    n_targets = sum(t.numel() for t in targets.values())
+    assert est32.weights == sum(p.numel() for p in model.parameters()) * 4
+    assert est32.gradients == n_targets * 4
+    assert est32.method_state == n_targets * (4 + 4 + 4)  # dual pass: G, S, W0 (fp32: no master copy)
+    bf16 = estimate_memory(tiny_spec(dtype="bfloat16"), DPrunerMethod(), TargetSpec(), batch_size=2, seq_len=32)
+    assert bf16.method_state == n_targets * (4 + 4 + 2 + 4)  # + the fp32 masters
+    ckpt = estimate_memory(tiny_spec(gradient_checkpointing=True), DPrunerMethod(), TargetSpec(), 2, 32)
+    assert ckpt.activations < est32.activations
+
+    monkeypatch.setattr("dpruner_lightning.estimate.available_bytes", lambda device: est32.total // 2)
+    calls = []
+    monkeypatch.setattr(DPrunerMethod, "start_pass", lambda self, p: calls.append(p))
+    module = DPrunerModule(model=tiny_spec(), output=OutputSpec(export_model=False))
+    trainer = L.Trainer(**module.trainer_kwargs(), accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"will not fit on cpu: estimated peak .*MiB.*gradient_checkpointing true"):
+        trainer.fit(module, smoke_data())
+    assert calls == [] and module.model is None  # refused before loading the model or running a pass
+
+
+def test_gradient_checkpointing_gives_the_same_scores(tmp_path):
+    def scores(checkpointing: bool):
+        module = DPrunerModule(model=tiny_spec(gradient_checkpointing=checkpointing), method=DPrunerMethod(alpha=1e-3),
+                               output=OutputSpec(export_model=False, save_importance=False, save_masks=False))
+        trainer = L.Trainer(**module.trainer_kwargs(), accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=str(tmp_path))
+        trainer.fit(module, smoke_data())
+        assert module.model.is_gradient_checkpointing == checkpointing
+        return module.method
+
+    plain, ckpt = scores(False), scores(True)
+    for name in plain.dual:
+        torch.testing.assert_close(ckpt.general[name], plain.general[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ckpt.dual[name], plain.dual[name], rtol=1e-5, atol=1e-7)

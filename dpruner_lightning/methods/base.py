@@ -101,6 +101,15 @@ class PruningMethod:
         """Largest allowed gap between a matrix's mask sparsity and the request (rounding of the selection)."""
         return expected_tolerance(shape, granularity, block_size)
 
+    def state_bytes(self, shapes: Mapping[str, tuple[int, int]], weight_bytes: int) -> int:
+        """Peak bytes of the method's own state for targets of these ``out x in`` shapes (memory
+        estimate before a run). Default: one fp32 score per weight, plus the collected batches' layer
+        Hessians of one decoder block when reconstructing (approximated as the largest target's)."""
+        total = sum(r * c for r, c in shapes.values()) * 4
+        if self.needs_batches() and shapes:
+            total += max(c * c for _, c in shapes.values()) * 4 * len(self.batch_sources())
+        return total
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def passes(self) -> list[CalibrationPass]:
         """Every pass of the method: its scoring passes, then the batch collection it needs."""

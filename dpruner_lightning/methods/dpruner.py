@@ -157,6 +157,18 @@ class DPrunerMethod(PruningMethod):
             done.append("dual")
         return done
 
+    def state_bytes(self, shapes, weight_bytes: int) -> int:
+        """General pass: the Taylor sums (2 fp32) and G (or, ``obs``, one fp32 ``in x in`` Hessian per
+        target); dual pass: G, S, W0 in the model's dtype, and fp32 masters for 16-bit weights."""
+        weights = sum(r * c for r, c in shapes.values())
+        if self.general_estimator == "taylor":
+            general = weights * (8 + 4)
+        else:
+            general = sum(c * c for _, c in shapes.values()) * 4 + weights * 4
+        master = 4 if weight_bytes < 4 and self.learning_rate > 0 else 0
+        dual = weights * (4 + 4 + weight_bytes + master)
+        return max(general, dual) + super().state_bytes(shapes, weight_bytes) - weights * 4  # + reconstruction
+
     def prepare(self, model, targets) -> None:
         super().prepare(model, targets)
         for scores in (self.general, self.dual):  # resumed scores: check them and put them on the device

@@ -1,0 +1,124 @@
+"""How much memory a run needs, estimated from the model's config before anything is loaded.
+
+:func:`estimate_memory` builds the model on the ``meta`` device (shapes, no storage), finds the
+targets, and adds up, for the calibration passes:
+
+* **weights**: every parameter in the model's dtype;
+* **gradients**: one per target weight, in the model's dtype (gradient passes only; nothing else
+  requires grad);
+* **method state**: what the method keeps per target (:meth:`PruningMethod.state_bytes`; D-PRUNER:
+  the Taylor sums, G, S, the copy W0 and, for 16-bit models, the fp32 master weights);
+* **activations of one micro-batch**: per decoder layer ``b*s*h*(34 + 5*a*s/h)`` bytes at 16 bits
+  (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer Models"), scaled
+  to the activation dtype, or only each layer's input plus one layer with gradient checkpointing; plus
+  the fp32 logits and their gradient ``2*b*s*V*4``.
+
+It is an estimate: allocator caching, the framework's workspace and fragmentation come on top, and
+the CPU figure also holds the tokenised data and the Python runtime. :func:`check_fits` compares it
+with the device's memory and refuses, before any compute, a run that cannot fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .algorithms.targets import find_targets
+from .config import ModelSpec, TargetSpec
+from .methods.base import PruningMethod
+from .models import load_config, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+def size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    method_state: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.method_state + self.activations
+
+    def describe(self) -> str:
+        return (f"estimated peak {size(self.total)} = weights {size(self.weights)} + gradients {size(self.gradients)} + "
+                f"method state {size(self.method_state)} + activations of one micro-batch {size(self.activations)}")
+
+
+def _activation_bytes(config, batch: int, seq_len: int, dtype_bytes: int, checkpointing: bool, grad: bool) -> int:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    vocab = getattr(config, "vocab_size", 0)
+    per_layer = batch * seq_len * h * (34 + 5 * heads * seq_len / max(1, h)) * dtype_bytes / 2
+    logits = 2 * batch * seq_len * vocab * 4
+    if not grad:  # no graph kept: one layer's temporaries at a time
+        return int(per_layer + logits / 2)
+    if checkpointing:
+        return int(layers * batch * seq_len * h * dtype_bytes + per_layer + logits)
+    return int(layers * per_layer + logits)
+
+
+def estimate_memory(spec: ModelSpec, method: PruningMethod, targets: TargetSpec, batch_size: int,
+                    seq_len: int) -> Optional[MemoryEstimate]:
+    """The run's estimated peak memory (see the module docstring), or None when the config cannot be
+    read without loading the weights (a GGUF file)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec)
+    if config is None:
+        return None
+    dtype = torch_dtype(spec.dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    found = find_targets(model, targets.target_modules, targets.exclude_modules)
+    shapes = {n: t.shape for n, t in found.items()}
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    seen, weights = set(), 0
+    for p in model.parameters():  # tied weights counted once
+        if id(p) not in seen:
+            seen.add(id(p))
+            weights += p.numel() * dtype_bytes
+    grad = any(p.mode in ("backward", "sgd") for p in method.passes())
+    target_numel = sum(r * c for r, c in shapes.values())
+    return MemoryEstimate(weights=weights, gradients=target_numel * dtype_bytes if grad else 0,
+                          method_state=method.state_bytes(shapes, dtype_bytes),
+                          activations=_activation_bytes(config, batch_size, seq_len, dtype_bytes,
+                                                        spec.gradient_checkpointing, grad))
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Total memory of a CUDA device, or the memory the OS says is available (Linux); None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(estimate: Optional[MemoryEstimate], device: torch.device, what: str) -> None:
+    """Log the estimate; raise ``ValueError`` (before any compute) when it exceeds the device's memory."""
+    if estimate is None:
+        log.info("memory estimate unavailable for %s (config not readable without the weights)", what)
+        return
+    have = available_bytes(device)
+    log.info("%s on %s: %s%s", what, device, estimate.describe(), f" (available {size(have)})" if have else "")
+    if have is not None and estimate.total > have:
+        raise ValueError(f"{what} will not fit on {device}: {estimate.describe()}, but only {size(have)} "
+                         "is available. Use model.model.dtype bfloat16, model.model.gradient_checkpointing true, a "
+                         "smaller data.batch_size or data.seq_len, or a device with more memory")
