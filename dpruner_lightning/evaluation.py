@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .data import TextSource, load_records
+from .sources import TextSource, load_records
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .corpora import pubmed_document
-from .data import TextSource, _local_files, load_records
 from .evaluation import MultipleChoiceTask, _format, bootstrap_ci, casehold, evaluate_multiple_choice, pubmedqa
+from .sources import TextSource, _local_files, load_records
 
 log = logging.getLogger(__name__)
 
