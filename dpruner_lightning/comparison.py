@@ -137,6 +137,7 @@ def row_config(base: dict, row: Row, output_dir: Path, save_artifacts: bool) -> 
     trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                          "init_args": {"save_dir": str(output_dir), "name": row_folder(row), "version": ""}}
     trainer["check_val_every_n_epoch"] = NO_EPOCH_VALIDATION
+    trainer.setdefault("enable_model_summary", False)  # one summary per row said nothing the table does not
     return config
 
 
@@ -296,13 +297,43 @@ def finished_rows(path: Path, rows: Sequence[Row], keys: Sequence[str]) -> tuple
     return list(previous), done
 
 
+def apply_overrides(base: dict, overrides: Sequence[str]) -> dict:
+    """``--model.mask.sparsity 0.3`` / ``--data.seq_len=64`` pairs set into the fit part of a config (values
+    read as YAML), the same dotted keys ``dpruner fit`` takes; the rows' own settings still win."""
+    config = copy.deepcopy(base)
+    items = list(overrides)
+    while items:
+        key = items.pop(0)
+        if not key.startswith("--") or key == "--":
+            raise ValueError(f"unexpected argument {key!r}: overrides look like --model.mask.sparsity 0.3")
+        key, sep, value = key[2:].partition("=")
+        if not sep:
+            if not items or items[0].startswith("--"):
+                raise ValueError(f"--{key} needs a value")
+            value = items.pop(0)
+        path = key.split(".")
+        if path[0] not in ("model", "data", "trainer", "seed_everything"):
+            raise ValueError(f"unknown option --{key}: use --config, --output_dir, --dry_run or dotted keys under "
+                             "model., data., trainer. (as dpruner fit takes them)")
+        node = config
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = child = child if isinstance(child, dict) else {}
+            node = child
+        node[path[-1]] = yaml.safe_load(value)
+    return config
+
+
 def run_subcommand(name: str, argv: Sequence[str]) -> list[dict]:
-    """``dpruner compare|sweep --config FILE [--output_dir DIR]``; raises if a row failed."""
+    """``dpruner compare|sweep --config FILE [--output_dir DIR] [--dry_run] [--model.x.y VALUE ...]``;
+    raises if a row failed. ``--dry_run`` validates every row (and task) and prints the plan."""
     parser = argparse.ArgumentParser(prog=f"dpruner {name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a fit config with a top-level '%s:' section" % name)
     parser.add_argument("--output_dir", default=None, help="overrides the section's output_dir")
-    args = parser.parse_args(list(argv))
+    parser.add_argument("--dry_run", action="store_true", help="validate the rows and print them; compute nothing")
+    args, overrides = parser.parse_known_args(list(argv))
     base, extras = split_config(args.config)
+    base = apply_overrides(base, overrides)
     if name not in EXTRA_SECTIONS or name not in extras:
         raise ValueError(f"{args.config} has no top-level '{name}:' section (expected one of {EXTRA_SECTIONS})")
     section = dict(extras[name] or {})
@@ -311,6 +342,12 @@ def run_subcommand(name: str, argv: Sequence[str]) -> list[dict]:
     output_dir = Path(args.output_dir or section.get("output_dir") or f"runs/{name}_{Path(args.config).stem}")
     meta = {"title": section.get("title") or f"dpruner {name}: {Path(args.config).name}", "config": str(args.config)}
     runs, datamodule, seed = cli_rows(base, rows, output_dir, bool(section.get("save_artifacts", False)), tasks)
+    if args.dry_run:
+        plan = [{"method": r.label, "method_repr": repr(run.module.method) if r.method else DENSE,
+                 "mask": vars(run.module.mask_spec), "config_key": run.key} for r, run in zip(rows, runs)]
+        for row in plan:
+            print(f"{row['method']}: {row['method_repr']}, mask {row['mask']}")
+        return plan
     results = run_rows(rows, runs, datamodule, seed, output_dir, "comparison" if name == "compare" else "sweep", meta,
                        tasks=tasks)
     failed = [r["method"] for r in results if r.get("error")]

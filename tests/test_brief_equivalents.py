@@ -108,3 +108,18 @@ def test_the_command_line_equivalents_parse(args):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "DPrunerMethod" in out.stdout and "sparsity: 0.5" in out.stdout
+
+
+def test_compare_takes_the_dotted_overrides_of_fit(tmp_path):
+    """`dpruner compare --config ... --model.mask.sparsity 0.3` (the `--compare-baselines --sparsity 0.3`
+    equivalent), checked with --dry_run: every row validated, nothing computed."""
+    out = subprocess.run([sys.executable, "-m", "dpruner_lightning.cli", "compare", "--config", "configs/compare_smoke.yaml",
+                          "--model.mask.sparsity", "0.3", "--data.seq_len=32", "--dry_run", "--output_dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if ": " in line and "mask" in line]
+    assert rows and all("'sparsity': 0.3" in line for line in rows)
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    bad = subprocess.run([sys.executable, "-m", "dpruner_lightning.cli", "compare", "--config", "configs/compare_smoke.yaml",
+                          "--modle.mask.sparsity", "0.3", "--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown option --modle.mask.sparsity" in bad.stderr
