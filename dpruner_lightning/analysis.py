@@ -169,6 +169,11 @@ class MaskAnalyzer:
                                     title: str = "Mask sparsity") -> Path:
         """PNG (or any format matplotlib knows from the suffix) with a block x module-kind heatmap of
         sparsity and the per-block sparsity curve. Needs matplotlib."""
+        return _save_figure(MaskAnalyzer.mask_distribution_figure(masks, title), path)
+
+    @staticmethod
+    def mask_distribution_figure(masks: MaskSource, title: str = "Mask sparsity"):
+        """The matplotlib figure of :meth:`visualize_mask_distribution` (e.g. for TensorBoard's ``add_figure``)."""
         import numpy as np
 
         stats = MaskAnalyzer.analyze_layer_sparsity(masks)
@@ -196,7 +201,7 @@ class MaskAnalyzer:
         ax_blk.set(ylim=(0.0, 1.0), xlabel="block", ylabel="sparsity")
         ax_blk.legend()
         fig.suptitle(title)
-        return _save_figure(fig, path)
+        return fig
 
 
 class PerformanceTracker:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
@@ -159,6 +160,27 @@ def unscale_gradients(trainer: L.Trainer, pl_module) -> bool:
     for t in pl_module.targets.values():
         t.weight.grad = None
     return False
+
+
+def add_run_figures(writer, result) -> None:
+    """The masks' sparsity per block and module kind as an image, and what was pruned as text."""
+    lines = ["| | |", "|---|---|", f"| method | `{result.method_repr}` |", f"| granularity | {result.granularity} |",
+             f"| sparsity requested | {result.sparsity_target:.4f} |",
+             f"| sparsity realised (targets / all parameters) | {result.sparsity_realised['targets']:.4f} / "
+             f"{result.sparsity_realised['all_parameters']:.4f} |"]
+    writer.add_text("run/summary", "\n".join(lines), 0)
+    if not result.masks:
+        return
+    try:
+        from .analysis import MaskAnalyzer
+
+        figure = MaskAnalyzer.mask_distribution_figure(result.masks, f"{result.method}: mask sparsity")
+    except ImportError:  # matplotlib is optional (the [plot] extra)
+        log.info("TensorBoard mask figure skipped: matplotlib is not installed (pip install -e '.[plot]')")
+        return
+    figure.canvas.draw()  # its own Agg canvas: rendered here, no pyplot state involved
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    writer.add_image("masks/sparsity_by_block_and_kind", image, 0, dataformats="HWC")
 
 
 class CalibrationPasses(L.Callback):
@@ -292,6 +314,7 @@ class MaskApplication(L.Callback):
                 writer.add_scalar("sparsity/by_target_index", s, i)
             writer.add_scalar("sparsity/targets", result.sparsity_realised["targets"], 0)
             writer.add_scalar("sparsity/all_parameters", result.sparsity_realised["all_parameters"], 0)
+            add_run_figures(writer, result)
         out = run_dir(trainer)
         if trainer.is_global_zero:  # every rank holds the same results: rank 0 writes them
             pl_module.artifacts.update(save_artifacts(out, result, pl_module.model, pl_module.tokenizer,

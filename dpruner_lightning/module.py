@@ -284,6 +284,8 @@ class DPrunerModule(L.LightningModule):
             results[name] = ppl
             self.log(f"ppl/{name}_{self.stage}", ppl, sync_dist=False)
         self.perplexities[self.stage] = results
+        if self.stage == "pruned" and results:  # TensorBoard's hparams view: the pruned model's perplexity
+            self.log("hp_metric", results.get("domain", next(iter(results.values()))), sync_dist=False)
 
     def _non_finite_perplexity(self, name: str, mean_nll: float) -> None:
         """A NaN / inf perplexity fails the stage: it is never logged, dropped or written to the summary."""

@@ -14,8 +14,9 @@ from typing import Iterator
 #: callbacks replacing their own copies when one Trainer runs fit then validate.
 KNOWN_WARNINGS = (".*in eval mode.*", ".*smaller than the logging interval.*", ".*does not have many workers.*",
                   ".*LeafSpec.*", ".*will override existing callbacks.*")
-#: Lightning's log records that say nothing about the run (printed once per Trainer).
-KNOWN_NOTICES = ("litlogger",)
+#: Lightning's log records that say nothing about the run (once per Trainer; the module's callbacks
+#: replace their own copies when one Trainer runs fit then validate).
+KNOWN_NOTICES = ("litlogger", "will override existing callbacks")
 #: Loggers whose handlers print Lightning's notices (they do not propagate to the root logger).
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 

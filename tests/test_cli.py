@@ -107,3 +107,20 @@ def test_print_config_has_no_optimizer_keys():
     out = _dpruner("fit", "--config", "configs/smoke.yaml", "--print_config")
     assert out.returncode == 0 and "model:" in out.stdout
     assert "optimizer" not in out.stdout and "lr_scheduler" not in out.stdout
+
+
+def test_tensorboard_gets_the_mask_figure_the_summary_text_and_a_real_hp_metric(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(smoke_run), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "masks/sparsity_by_block_and_kind" in tags["images"]
+    image = acc.Images("masks/sparsity_by_block_and_kind")[0]
+    assert image.width > 200 and image.height > 100
+    assert "run/summary/text_summary" in tags["tensors"]
+    text = acc.Tensors("run/summary/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "DPrunerMethod(" in text and "sparsity requested | 0.5000" in text
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    hp = [e.value for e in acc.Scalars("hp_metric")]
+    assert hp[-1] == pytest.approx(summary["perplexity"]["pruned"]["domain"], rel=1e-5) and hp[-1] != -1
