@@ -4,7 +4,8 @@ Epochs map onto the method's passes (D-PRUNER: epoch 0 = general importance on o
 epochs 1.. = the regularised dual pass on domain data); the callbacks of :mod:`callbacks` call the
 method's hooks, and the masks are applied when training ends. ``validate`` reports the perplexity of
 whatever weights the module holds, logged as ``ppl/<eval set>_<stage>`` with stage ``dense`` (before
-any weight changed), ``tuned`` (after an SGD pass) or ``pruned``.
+any weight changed), ``loaded`` (instead of ``dense`` when the model as loaded already has over 1% zeros
+in its targets, e.g. a pruned folder), ``tuned`` (after an SGD pass) or ``pruned``.
 
 Gradients. The target weights require grad for the whole ``fit`` (DDP needs parameters that require
 grad when it wraps the module) and nothing else does; passes that need no gradient run their forward
@@ -104,7 +105,8 @@ class DPrunerModule(L.LightningModule):
         self.resumed: list[str] = load_saved_importance(self.method, resume_from) if resume_from else []
         self.schedule: list[CalibrationPass] = self._plan(None)
         self.apply_masks_at_end = True
-        #: ``dense`` (weights as loaded), ``tuned`` (after an SGD pass) or ``pruned``.
+        #: ``dense`` (weights as loaded), ``loaded`` (as loaded, but already over 1% zeros in the targets),
+        #: ``tuned`` (after an SGD pass) or ``pruned``.
         self.stage = "dense"
         #: What the run produced (read by the summary, ``compare`` and the API; written by the callbacks).
         self.result: Optional[PruneResult] = None
@@ -151,6 +153,11 @@ class DPrunerModule(L.LightningModule):
         self.model.requires_grad_(False)
         self.targets = find_targets(self.model, self.target_spec.target_modules, self.target_spec.exclude_modules)
         self.dense = DenseReference.of(self.model, self.targets)
+        zeros = sum(int((t.weight == 0).sum()) for t in self.targets.values()) / max(1, self.dense.parameters["targets"])
+        if zeros > 0.01 and self.stage == "dense":  # e.g. `dpruner validate` on a pruned folder: not "dense"
+            self.stage = "loaded"
+            log.info("the model as loaded is already %.1f%% sparse in its targets: its perplexity is reported as "
+                     "stage 'loaded'", 100 * zeros)
         # Rotary inv_freq must stay fp32 even under `bf16-true`, which casts every buffer.
         self._fp32_buffers = {n: b.detach().clone() for n, b in self.model.named_buffers() if "inv_freq" in n}
         self.method.prepare(self.model, self.targets)
@@ -296,7 +303,7 @@ class DPrunerModule(L.LightningModule):
                              f"outputs are NaN / inf or overflow; {hint}")
 
     def nonfinite_hint(self) -> str:
-        return nonfinite_hint(self.method, weights_changed=self.stage != "dense")
+        return nonfinite_hint(self.method, weights_changed=self.stage not in ("dense", "loaded"))
 
     # -- pruning ----------------------------------------------------------------------------------
     @property
@@ -307,7 +314,7 @@ class DPrunerModule(L.LightningModule):
         """Choose, check and apply the masks with the pruning core (:func:`~dpruner_lightning.pruning.prune`)
         under ``spec`` (default: the module's); called by the mask callback at the end of fit."""
         self.result = prune(self.model, self.targets, self.method, spec or self.mask_spec, self.dense,
-                            weights_changed=self.stage != "dense")
+                            weights_changed=self.stage not in ("dense", "loaded"))
         self.stage = "pruned"
         return self.result
 

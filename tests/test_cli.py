@@ -124,3 +124,17 @@ def test_tensorboard_gets_the_mask_figure_the_summary_text_and_a_real_hp_metric(
     summary = json.loads((smoke_run / "summary.json").read_text())
     hp = [e.value for e in acc.Scalars("hp_metric")]
     assert hp[-1] == pytest.approx(summary["perplexity"]["pruned"]["domain"], rel=1e-5) and hp[-1] != -1
+
+
+def test_validate_on_a_pruned_folder_does_not_call_it_dense(smoke_run, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dpruner_lightning.cli", "validate", "--config",
+                          str(REPO / "configs" / "smoke.yaml"), "--model.model.name_or_path", str(smoke_run / "pruned_model"),
+                          "--model.model.tokenizer", "null", "--model.model.config_overrides", "{}",
+                          "--trainer.logger.init_args.save_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = tmp_path.glob("smoke/version_*")
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["perplexity"]) == {"loaded"} and summary["status"] == "complete"
+    fit = json.loads((smoke_run / "summary.json").read_text())  # the same weights, the same evaluation text
+    assert summary["perplexity"]["loaded"]["domain"] == pytest.approx(fit["perplexity"]["pruned"]["domain"], rel=1e-4)
