@@ -237,7 +237,8 @@ class DPruner:
         result = self.module.apply_pruning(self.config.mask_spec())
         folder = run_dir(self.trainer)  # the dual pass's run folder
         self.module.artifacts.update(save_artifacts(folder, result, self.module.model, self.module.tokenizer,
-                                                    self.module.method, self.module.output))
+                                                    self.module.method, self.module.output,
+                                                    written_before=self.module.artifacts))
         atomic_write_json(folder / "summary.json", {**self.module.run_summary(), "status": "complete"})
         return result.masks
 

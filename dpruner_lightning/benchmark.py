@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,7 +25,7 @@ from typing import Any, Optional, Sequence
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .comparison import NO_EPOCH_VALIDATION, RowRun, generate_comparison_report, run_rows
+from .comparison import NO_EPOCH_VALIDATION, RowRun, generate_comparison_report, row_key, run_rows
 from .comparison_rows import Row, compare_rows, row_folder, row_method, sweep_rows
 from .config import MaskSpec, ModelSpec, OutputSpec
 from .data import CalibrationDataModule
@@ -101,8 +100,7 @@ def build_rows(options: SuiteOptions, rows: Sequence[Row], texts: tuple, output_
                             logger=TensorBoardLogger(str(output_dir), name=row_folder(row), version=""))
         config = {**shared, "row": row.label, "method": repr(method) if row.method else "dense",
                   "mask": dataclasses.asdict(mask)}
-        key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        runs.append(RowRun(module, trainer, key))
+        runs.append(RowRun(module, trainer, row_key(config)))
     return runs, datamodule
 
 

@@ -1,18 +1,17 @@
 """Callbacks that drive a pruning method through a Lightning "fit".
 
-* :class:`CalibrationPassCallback` - one per pass of the method (for D-PRUNER: the general-importance
-  pass and the regularised dual pass): starts the pass, hands every micro-batch's gradients to the
-  method in ``on_after_backward``, ends the pass, checks that the target weights and the method's
-  tensors are finite (a NaN / inf stops the run, naming the matrix and the likely setting), and logs
-  its time and importance histograms.
-* :class:`MaskApplication` - when training ends: chooses and applies the masks, checks the realised
-  sparsity, logs it per layer, and writes importance, masks and the pruned HF model. A structured
-  method (``method.structured``, e.g. LLM-Pruner) returns no masks: its sparsity is the fraction of the
-  parameters counted before pruning that were removed. Export folders are written aside and swapped
-  in (see :func:`~dpruner_lightning.export.artifact_folder`): a ``pruned_model/`` or ``sparse_model/``
-  holding files we did not write is refused when fit starts, before any pass.
-* :class:`RunSummary` - keeps ``summary.json`` in the log directory up to date (after pruning and
-  after every validation).
+* :class:`CalibrationPasses` - the method's passes, one epoch per pass epoch: tells the datamodule which
+  calibration set to serve (and hands it the tokenizer), checks the memory estimate before the model is
+  loaded, starts each pass, hands every micro-batch's (unscaled) gradients to the method in
+  ``on_after_backward``, ends the pass, checks that the target weights and the method's tensors are
+  finite (a NaN / inf stops the run, naming the matrix and the likely setting), saves the pass's
+  importance at once, and logs its time, peak memory and histograms.
+* :class:`MaskApplication` - when training ends: the pruning core (:func:`~dpruner_lightning.pruning.prune`)
+  chooses, checks and applies the masks; the sparsity per matrix and a figure go to TensorBoard; masks,
+  remaining importance and exports are written (export folders holding files we did not write are
+  refused when fit starts, before any pass).
+* :class:`RunSummary` - owns the run folder (:mod:`~dpruner_lightning.rundir`): claims it, keeps
+  ``summary.json`` and its ``status`` up to date, records failures, releases the lock.
 
 Artifacts are saved explicitly: ``ModelCheckpoint`` never fires when ``global_step`` stays 0.
 
@@ -153,7 +152,7 @@ def unscale_gradients(trainer: L.Trainer, pl_module) -> bool:
     grads = [t.weight.grad for t in pl_module.targets.values() if t.weight.grad is not None]
     for g in grads:
         g.div_(scale)
-    if all(bool(torch.isfinite(g.sum())) for g in grads):
+    if not grads or bool(torch.isfinite(torch.stack([g.sum().float() for g in grads])).all()):  # one host sync
         return True
     log.warning("fp16 loss scale %g overflowed: micro-batch skipped, scale lowered", scale)
     scaler.update(new_scale=scale * scaler.get_backoff_factor())
@@ -230,7 +229,7 @@ class CalibrationPasses(L.Callback):
         if self._first_and_last(pl_module, trainer.current_epoch)[0]:
             p = pl_module.current_pass
             log.info("pass %r: %s", p.name, p)
-            self._memory = PeakMemory().__enter__()
+            self._memory = PeakMemory().start()
             self._t0 = time.perf_counter()
             self._validation_seconds = 0.0
             pl_module.method.start_pass(p)
@@ -263,7 +262,7 @@ class CalibrationPasses(L.Callback):
         seconds = time.perf_counter() - self._t0 - self._validation_seconds
         pl_module.phase_seconds[p.name] = seconds
         if self._memory is not None:
-            self._memory.__exit__(None, None, None)
+            self._memory.stop()
             pl_module.peak_memory[p.name], pl_module.peak_memory_kind = self._memory.peak_bytes, self._memory.kind
         # NaN / inf stop the run here, naming the matrix, rather than reach the masks and the exports.
         hint = pl_module.nonfinite_hint()
@@ -317,8 +316,8 @@ class MaskApplication(L.Callback):
             add_run_figures(writer, result)
         out = run_dir(trainer)
         if trainer.is_global_zero:  # every rank holds the same results: rank 0 writes them
-            pl_module.artifacts.update(save_artifacts(out, result, pl_module.model, pl_module.tokenizer,
-                                                      pl_module.method, pl_module.output))
+            pl_module.artifacts.update(save_artifacts(out, result, pl_module.model, pl_module.tokenizer, pl_module.method,
+                                                      pl_module.output, written_before=pl_module.artifacts))
         pl_module.method.release()  # W0 copies, collected batches: not needed past this point
         RunSummary.write(trainer, pl_module, "complete")
 
@@ -332,6 +331,9 @@ class RunSummary(L.Callback):
         out = run_dir(trainer)  # on every rank (a collective), then rank 0 writes
         if trainer.is_global_zero:
             atomic_write_json(out / "summary.json", {**pl_module.run_summary(), "status": status, **extra})
+
+    def __init__(self) -> None:
+        self._memory = PeakMemory()  # of a validate stage (a validation inside fit belongs to the pass)
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         out = run_dir(trainer)  # a collective: on every rank
@@ -350,13 +352,13 @@ class RunSummary(L.Callback):
         if datamodule is not None and hasattr(datamodule, "eval_names"):
             pl_module.eval_names = tuple(datamodule.eval_names)  # which set each loader holds, in order
         if trainer.state.fn != "fit":  # a validation inside fit is part of the fit stage
-            self._memory = PeakMemory().__enter__()
+            self._memory.start()
             RunSummary.write(trainer, pl_module, "running", stage="validate")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn == "fit":
             return
-        self._memory.__exit__(None, None, None)
+        self._memory.stop()
         pl_module.peak_memory[f"validate_{pl_module.stage}"] = self._memory.peak_bytes
         pl_module.peak_memory_kind = self._memory.kind
         RunSummary.write(trainer, pl_module, "complete")

@@ -18,7 +18,6 @@ a folder that would be overwritten) and 1 for a failure during the run; ``--verb
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -30,8 +29,8 @@ from .quiet import install_known_filters
 log = logging.getLogger(__name__)
 
 #: Exceptions that mean "the input is wrong" (exit 2) rather than "the run failed" (exit 1).
-BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-             UnicodeDecodeError, json.JSONDecodeError, KeyError)
+#: (Decoding and JSON errors are ValueErrors.)
+BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, KeyError)
 
 
 USAGE = """usage: dpruner <command> [options]   (dpruner <command> --help for its options)

@@ -146,7 +146,8 @@ def check_replaceable(folder: str | Path) -> None:
                               "refusing to replace it. Choose another folder, or remove it yourself.")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -165,7 +166,7 @@ def _clean_stale(parent: Path) -> None:
             continue
         pid, _, rest = entry.name[len(prefix):].partition(".")
         name = rest.partition(".")[2]
-        if not (pid.isdigit() and name) or _pid_alive(int(pid)):
+        if not (pid.isdigit() and name) or pid_alive(int(pid)):
             continue
         if prefix == _OLD and not (parent / name).exists():
             with suppress(OSError):  # best effort: never block the new save, never delete it

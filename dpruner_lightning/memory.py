@@ -29,16 +29,33 @@ def _vm_kib(field: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-class PeakMemory:
-    """Context manager measuring the peak memory of the code it wraps (see the module docstring)."""
+#: What each ``PeakMemory.kind`` measures, for reports.
+KIND_DESCRIPTIONS = {
+    "cuda_max_allocated": "CUDA max_memory_allocated over the phase",
+    "cpu_peak_rss": "CPU peak resident set (VmHWM, reset per phase)",
+    "cpu_process_max_rss_monotone": "CPU lifetime peak RSS (ru_maxrss, not resettable: earlier peaks count)",
+}
 
-    def __init__(self) -> None:
+
+class PeakMemory:
+    """The peak memory of one phase (see the module docstring): ``with PeakMemory() as m: ...`` or
+    ``m.start()`` / ``m.stop()`` across hooks; then ``peak_bytes`` (absolute), ``delta_bytes`` (over
+    what was in use when it started) and ``kind``. ``device``: the CUDA device whose allocator is
+    measured; default: CUDA when available, else the process's resident set."""
+
+    def __init__(self, device: Optional[torch.device] = None) -> None:
+        self.cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
         self.kind = "unknown"
         self.start_bytes = 0
         self.peak_bytes = 0
 
-    def __enter__(self) -> "PeakMemory":
-        if torch.cuda.is_available():
+    @property
+    def delta_bytes(self) -> int:
+        return max(0, self.peak_bytes - self.start_bytes)
+
+    def start(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.kind, self.start_bytes = "cuda_max_allocated", int(torch.cuda.memory_allocated())
             return self
@@ -50,13 +67,20 @@ class PeakMemory:
         self.start_bytes = (_vm_kib("VmRSS") or 0) * 1024
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def stop(self) -> "PeakMemory":
         if self.kind == "cuda_max_allocated":
             self.peak_bytes = int(torch.cuda.max_memory_allocated())
         elif self.kind == "cpu_peak_rss" and _vm_kib("VmHWM") is not None:
             self.peak_bytes = _vm_kib("VmHWM") * 1024
         else:
             self.peak_bytes = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+        return self
+
+    def __enter__(self) -> "PeakMemory":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
 
 
 def release_memory() -> None:

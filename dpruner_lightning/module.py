@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -38,33 +37,13 @@ from torchmetrics import SumMetric
 from .algorithms.targets import Target, find_targets
 from .callbacks import CalibrationPasses, MaskApplication, RunSummary
 from .config import MaskSpec, ModelSpec, OutputSpec, TargetSpec
-from .export import NonFiniteError, load_tensors
+from .export import NonFiniteError
 from .methods.base import CalibrationPass, PruningMethod
 from .methods.dpruner import DPrunerMethod
 from .models import check_model_source, load_causal_lm, load_tokenizer
-from .pruning import DenseReference, PruneResult, calibration_step, check_weights_finite, make_optimizer, nonfinite_hint, prune
+from .pruning import DenseReference, PruneResult, calibration_step, check_weights_finite, load_saved_importance, nonfinite_hint, prune
 
 log = logging.getLogger(__name__)
-
-
-def load_saved_importance(method: PruningMethod, folder: str) -> list[str]:
-    """Hand the importance files of an earlier run folder to ``method``; returns the passes they replace."""
-    from safetensors import safe_open
-
-    files = sorted(Path(folder).glob("*importance.safetensors"))
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"resume_from: no run folder at {folder}")
-    if not files:
-        raise ValueError(f"resume_from: {folder} holds no saved importance (*importance.safetensors); was "
-                         "output.save_importance off in that run?")
-    groups, saved_repr = {}, ""
-    for path in files:
-        groups[path.stem] = load_tensors(path)
-        with safe_open(str(path), "pt") as f:
-            saved_repr = (f.metadata() or {}).get("method_repr", saved_repr)
-    done = method.load_artifacts(groups, saved_repr)
-    log.info("resume_from %s: reusing %s, skipping pass(es) %s", folder, sorted(groups), done)
-    return done
 
 
 class DPrunerModule(L.LightningModule):
@@ -213,9 +192,9 @@ class DPrunerModule(L.LightningModule):
         return self.schedule[min(epoch, len(self.schedule) - 1)]
 
     def configure_optimizers(self):
-        # Steps are the method's (sgd_step: fp32 masters for 16-bit weights); the optimizer only gives
-        # Lightning its bookkeeping and zero_grad.
-        return make_optimizer(self.method, self.targets)
+        # Steps are the method's (sgd_step: fp32 masters for 16-bit weights); this plain SGD (no state,
+        # lr = the method's) only gives Lightning its bookkeeping and zero_grad.
+        return torch.optim.SGD([t.weight for t in self.targets.values()], lr=self.method.learning_rate, momentum=0.0)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # DDP: keep gradients local. training_step runs inside the wrapper's forward, so no_sync() must

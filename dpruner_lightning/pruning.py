@@ -30,7 +30,7 @@ from torch import nn
 from .algorithms.masks import check_realised, mask_sparsity, parse_granularity, realised_sparsity
 from .algorithms.targets import Target
 from .config import MaskSpec, OutputSpec
-from .export import check_finite, export_hf_folder, save_sparse_model, save_tensors
+from .export import check_finite, export_hf_folder, read_safetensors, save_sparse_model, save_tensors
 from .methods.base import CalibrationPass, PruningMethod
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,6 @@ def calibration_step(model: nn.Module, method: PruningMethod, p: CalibrationPass
     return loss
 
 
-def make_optimizer(method: PruningMethod, targets: Mapping[str, Target]) -> torch.optim.Optimizer:
-    # Plain SGD, no momentum, as in the paper (LOMO); lr = alpha. It zeroes the gradients; the steps
-    # themselves are method.sgd_step (fp32 master weights for 16-bit models).
-    return torch.optim.SGD([t.weight for t in targets.values()], lr=method.learning_rate, momentum=0.0)
-
-
 def calibrate(model: nn.Module, targets: Mapping[str, Target], method: PruningMethod,
               batches: Mapping[str, Iterable[torch.Tensor]], passes: Optional[list[CalibrationPass]] = None,
               ) -> dict[str, float]:
@@ -119,7 +113,6 @@ def calibrate(model: nn.Module, targets: Mapping[str, Target], method: PruningMe
     The same order as the Lightning layer: gradients reach ``after_backward`` first (which turns them
     into the step: D-PRUNER clips the task gradient and applies the proximal division there), then
     ``sgd_step``."""
-    opt = make_optimizer(method, targets)
     seconds: dict[str, float] = {}
     for t in targets.values():
         t.weight.requires_grad_(True)
@@ -134,7 +127,8 @@ def calibrate(model: nn.Module, targets: Mapping[str, Target], method: PruningMe
                     method.after_backward(p)
                     if p.mode == "sgd" and method.learning_rate > 0:
                         method.sgd_step(p)
-                    opt.zero_grad(set_to_none=True)
+                    for t in targets.values():
+                        t.weight.grad = None
             method.end_pass(p)
             seconds[p.name] = time.perf_counter() - t0
     finally:
@@ -200,6 +194,25 @@ def _check_request(report: dict, masks: Mapping[str, torch.Tensor], spec: MaskSp
         raise RuntimeError(f"overall target sparsity {report['targets']:.4f} is off the request {target}")
 
 
+# -- resuming ---------------------------------------------------------------------------------------
+def load_saved_importance(method: PruningMethod, folder: str | Path) -> list[str]:
+    """Hand the importance files of an earlier run folder to ``method``; returns the passes they replace."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"resume_from: no run folder at {folder}")
+    files = sorted(folder.glob("*importance.safetensors"))
+    if not files:
+        raise ValueError(f"resume_from: {folder} holds no saved importance (*importance.safetensors); was "
+                         "output.save_importance off in that run?")
+    groups, saved_repr = {}, ""
+    for path in files:
+        groups[path.stem], metadata = read_safetensors(path)
+        saved_repr = metadata.get("method_repr", saved_repr)
+    done = method.load_artifacts(groups, saved_repr)
+    log.info("resume_from %s: reusing %s, skipping pass(es) %s", folder, sorted(groups), done)
+    return done
+
+
 # -- pruning ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def prune(model: nn.Module, targets: Mapping[str, Target], method: PruningMethod, spec: MaskSpec,
@@ -232,25 +245,30 @@ def prune(model: nn.Module, targets: Mapping[str, Target], method: PruningMethod
     return result
 
 
-def save_importance(folder: str | Path, method: PruningMethod, groups: Optional[Iterable[str]] = None) -> dict[str, str]:
+def save_importance(folder: str | Path, method: PruningMethod, groups: Optional[Iterable[str]] = None,
+                    written_before: Mapping[str, str] | None = None) -> dict[str, str]:
     """The method's artifact groups (e.g. ``general_importance``) as ``<folder>/<group>.safetensors``;
-    ``groups`` limits them (e.g. to what one pass produced). Returns the paths written."""
+    ``groups`` limits them (e.g. to what one pass produced); a group ``written_before`` to that same
+    path (``{group: path}``) is not written again. Returns the paths written."""
     folder, written = Path(folder), {}
+    before = written_before or {}
     for group, tensors in method.artifacts().items():
-        if tensors and (groups is None or group in groups):
+        path = folder / f"{group}.safetensors"
+        if tensors and (groups is None or group in groups) and before.get(group) != str(path):
             meta = {"method": method.name, "method_repr": repr(method)}  # what resume_from checks
-            written[group] = str(save_tensors(folder / f"{group}.safetensors", tensors, meta))
+            written[group] = str(save_tensors(path, tensors, meta))
     return written
 
 
 def save_artifacts(folder: str | Path, result: PruneResult, model: nn.Module, tokenizer, method: PruningMethod,
-                   output: OutputSpec) -> dict[str, str]:
-    """Write what ``output`` asks for into ``folder``: importance, masks, the HF folder
-    (``pruned_model/``) and our sparse format (``sparse_model/``). Returns ``{artifact: path}``."""
+                   output: OutputSpec, written_before: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Write what ``output`` asks for into ``folder``: importance (except groups ``written_before``
+    there, e.g. saved when their pass ended), masks, the HF folder (``pruned_model/``) and our sparse
+    format (``sparse_model/``). Returns ``{artifact: path}`` of what it wrote."""
     folder = Path(folder)
     written: dict[str, str] = {}
     if output.save_importance:
-        written.update(save_importance(folder, method))
+        written.update(save_importance(folder, method, written_before=written_before))
     if output.save_masks and result.masks:
         written["masks"] = str(save_tensors(folder / "masks.safetensors", result.masks, {"layout": "out x in, 1 = kept"}))
     if output.export_model:

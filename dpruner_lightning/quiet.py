@@ -34,10 +34,14 @@ def _handlers() -> list[logging.Handler]:
     return [h for name in _LIGHTNING_LOGGERS for h in logging.getLogger(name).handlers] + logging.getLogger().handlers
 
 
-def install_known_filters() -> None:
-    """Process-wide filters: for command-line entry points only."""
+def _ignore_known_warnings() -> None:
     for msg in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=msg)
+
+
+def install_known_filters() -> None:
+    """Process-wide filters: for command-line entry points only."""
+    _ignore_known_warnings()
     for handler in _handlers():
         handler.addFilter(_DROP)
 
@@ -47,8 +51,7 @@ def quiet() -> Iterator[None]:
     """The same filters, for the duration of a block only."""
     handlers = [h for h in _handlers() if _DROP not in h.filters]
     with warnings.catch_warnings():
-        for msg in KNOWN_WARNINGS:
-            warnings.filterwarnings("ignore", message=msg)
+        _ignore_known_warnings()
         for handler in handlers:
             handler.addFilter(_DROP)
         try:

@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .export import MANIFEST, check_replaceable
+from .export import MANIFEST, check_replaceable, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +30,6 @@ RUN_FILES = ("summary.json", "config.yaml", "hparams.yaml", "masks.safetensors",
 EXPORT_FOLDERS = ("pruned_model", "sparse_model")
 #: Folders this process has claimed: later stages of the same run (fit, then validate) write there again.
 _CLAIMED: set[str] = set()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def lock_holder(folder: str | Path) -> int | None:

@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import re
-import resource
 import statistics
 import time
 import warnings
@@ -42,6 +41,8 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+
+from .memory import KIND_DESCRIPTIONS, PeakMemory
 
 log = logging.getLogger(__name__)
 
@@ -229,50 +230,6 @@ def hardware() -> dict[str, Any]:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-class _Memory:
-    """Peak memory of one phase: see the module docstring for what is measured on each device."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.kind = "CUDA max_memory_allocated increase over the phase"
-        if not self.cuda:
-            self.kind = "CPU peak resident set (VmHWM, reset per phase) increase; lower bound"
-            if not self._reset_hwm():
-                self.kind = "CPU lifetime peak RSS (ru_maxrss, not resettable) increase; 0 if an earlier phase peaked higher"
-
-    @staticmethod
-    def _reset_hwm() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-                f.write("5")  # 5 = reset the peak resident set size (Linux >= 4.0)
-            return True
-        except OSError:
-            return False
-
-    @staticmethod
-    def _status_kb(key: str) -> int:
-        with open("/proc/self/status", encoding="ascii") as f:
-            return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))  # type: ignore[union-attr]
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        elif "VmHWM" in self.kind:
-            self._reset_hwm()
-            self.base = self._status_kb("VmRSS") * 1024
-        else:
-            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def peak(self) -> int:
-        if self.cuda:
-            return torch.cuda.max_memory_allocated() - self.base
-        if "VmHWM" in self.kind:
-            return max(0, self._status_kb("VmHWM") * 1024 - self.base)
-        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -367,7 +324,6 @@ def measure_speed(model: nn.Module, tokenizer_or_vocab_size: Union[int, Any, Non
     params = inspect.signature(model.forward).parameters
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.x renamed it
-    memory = _Memory(device)
     sparse = _sparse_linears(model)
     zeros = sum(int((m.weight == 0).sum()) for m in sparse.values())
     all_lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -375,7 +331,7 @@ def measure_speed(model: nn.Module, tokenizer_or_vocab_size: Union[int, Any, Non
         "label": label, "hardware": hardware(),
         "protocol": {"prefill_lengths": list(prefill_lengths), "decode_context": decode_context, "batch_size": batch_size,
                      "repeats": repeats, "warmup": warmup, "seed": seed, "device": str(device), "dtype": str(p.dtype),
-                     "memory": memory.kind, "logits_to_keep": keep.get("logits_to_keep"), "min_sparsity": min_sparsity},
+                     "memory": None, "logits_to_keep": keep.get("logits_to_keep"), "min_sparsity": min_sparsity},
         "model": {"parameters": sum(t.numel() for t in model.parameters()), "weight_bytes": model_bytes(model),
                   "linears_with_zeros": len(sparse),
                   "sparsity_of_all_linears": zeros / max(1, sum(m.weight.numel() for m in all_lin))},
@@ -416,10 +372,11 @@ def measure_speed(model: nn.Module, tokenizer_or_vocab_size: Union[int, Any, Non
                         step = lambda: state.__setitem__(  # noqa: E731
                             "out", run(input_ids=ids[:, -1:], use_cache=True, **{cache_kw: state["cache"]}, **keep))
                         reset = lambda: _crop(state["cache"], decode_context)  # noqa: E731
-                    memory.start()
-                    times = _time(step, reset, repeats, warmup, device)
+                    with PeakMemory(device) as memory:
+                        times = _time(step, reset, repeats, warmup, device)
+                    result["protocol"]["memory"] = f"{KIND_DESCRIPTIONS[memory.kind]}, increase over the phase"
                     row.update(_stats(times, batch_size * (n if phase == "prefill" else 1)))
-                    row.update(status="ok", peak_memory_bytes=memory.peak(), weight_bytes=weight_bytes,
+                    row.update(status="ok", peak_memory_bytes=memory.delta_bytes, weight_bytes=weight_bytes,
                                output_shape=list(state["out"].logits.shape))
                 except Exception as err:  # a backend failing (e.g. under torch.compile) is a result, not a crash
                     msg = str(err).splitlines()[0][:300] if str(err) else type(err).__name__

@@ -46,3 +46,9 @@ def mask_hash(masks: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(masks[name].cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def token_batches(seed: int, n: int, batch: int = 2, seq_len: int = 16, vocab: int = 257) -> list[torch.Tensor]:
+    """``n`` seeded ``[batch, seq_len]`` batches of random token ids (the tiny models' vocabulary)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq_len), generator=g) for _ in range(n)]

@@ -16,12 +16,11 @@ from dpruner_lightning.methods import DPrunerMethod, WandaMethod
 from dpruner_lightning.pruning import DenseReference, calibrate, check_mask_shapes, prune, save_artifacts
 
 from .conftest import tiny_model
-from .helpers import mask_hash, run_prune
+from .helpers import mask_hash, run_prune, token_batches
 
 
 def _batches(seed: int, n: int = 3) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 257, (2, 16), generator=g) for _ in range(n)]
+    return token_batches(seed, n)
 
 
 def _core_prune(method, spec=MaskSpec(sparsity=0.5)):

@@ -17,12 +17,11 @@ from dpruner_lightning.module import DPrunerModule
 from dpruner_lightning.pruning import calibrate
 
 from .conftest import tiny_model
-from .helpers import smoke_data, tiny_spec
+from .helpers import smoke_data, tiny_spec, token_batches
 
 
 def _batches(seed: int, n: int = 4) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 257, (2, 16), generator=g) for _ in range(n)]
+    return token_batches(seed, n)
 
 
 def _dual(model, **kw) -> tuple[DPrunerMethod, dict, dict]:

@@ -127,7 +127,6 @@ class DPrunerMethod(PruningMethod):
         self.general: dict[str, torch.Tensor] = {}
         self.dual: dict[str, torch.Tensor] = {}
         self.master: dict[str, torch.Tensor] = {}  # fp32 copies of 16-bit target weights during the dual pass
-        self._steps: dict[str, torch.Tensor] = {}
         self.general_scale: float | None = None
 
     def check_mask_spec(self, spec: MaskSpec) -> None:
@@ -206,7 +205,8 @@ class DPrunerMethod(PruningMethod):
             return {}
         # Norms stay on the device and are summed as tensors: one host sync per step, not one per matrix.
         grads = {name: t.weight_view(t.weight.grad) for name, t in self.targets.items()}
-        task_sq = sum(g.float().pow(2).sum() for g in grads.values())
+        # fp32 accumulation without an fp32 copy of each 16-bit gradient (the loop below makes the one it needs)
+        task_sq = sum(torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads.values())
         # max_grad_norm clips the TASK gradient of the step (global norm over the targets), before the
         # regulariser and the proximal division, so the step is the closed form with a clipped g_task.
         clip = 1.0
@@ -225,28 +225,22 @@ class DPrunerMethod(PruningMethod):
                 step = step + reg
                 if self.update == "proximal":  # implicit regulariser: stable for any G (module docstring)
                     step = step / self.general[name].mul(2.0 * self.alpha * self.lambda_reg).add_(1.0)
-            grad.copy_(step)  # what sgd_step applies (in the weights' dtype; the master takes it in fp32)
-            if name in self.master:
-                self._steps[name] = step
+            grad.copy_(step)  # what sgd_step applies
             dual_accumulate_(self.dual[name], total, weight)  # S: the unclipped gradient of L_ours
         return {"dual/task_grad_norm": task_sq.sqrt(), "dual/reg_grad_norm": reg_sq.sqrt()}
 
     @torch.no_grad()
     def sgd_step(self, p: CalibrationPass) -> None:
-        """Plain SGD on fp32 weights; on 16-bit weights the fp32 masters take the step and the weights
-        are written from them. On several processes the layer has averaged ``grad`` over ranks: the
-        master uses that average (in the weights' dtype), not the local fp32 step."""
+        """Plain SGD on fp32 weights; on 16-bit weights the fp32 masters take the step (the gradient, as
+        after_backward left it and the layer averaged it over ranks) and the weights are written from them."""
         for name, t in self.targets.items():
             if t.weight.grad is None:
                 continue
             if name not in self.master:
                 t.weight.add_(t.weight.grad, alpha=-self.learning_rate)
                 continue
-            averaged = torch.distributed.is_available() and torch.distributed.is_initialized()
-            step = t.weight_view(t.weight.grad).float() if averaged else self._steps[name]
-            self.master[name].add_(step, alpha=-self.learning_rate)
+            self.master[name].add_(t.weight_view(t.weight.grad).float(), alpha=-self.learning_rate)
             t.weight_view().copy_(self.master[name])
-        self._steps = {}
 
     def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum) -> None:
         if p.name == "general":
