@@ -15,53 +15,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 
-import lightning as L
 import torch
+from calibration_timing import bare_loop, best_of, fit_ours
 
-from dpruner_lightning.algorithms.targets import find_targets
-from dpruner_lightning.config import ModelSpec, OutputSpec
+from dpruner_lightning.config import ModelSpec
 from dpruner_lightning.data import CalibrationDataModule
 from dpruner_lightning.methods import DPrunerMethod
 from dpruner_lightning.models import load_causal_lm
-from dpruner_lightning.module import DPrunerModule
 from dpruner_lightning.quiet import install_known_filters
 
 MID_LLAMA = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
                  num_key_value_heads=8, vocab_size=8192, max_position_embeddings=1024)
 
 
-def bare_loop(spec: ModelSpec, blocks: torch.Tensor, batch_size: int, mode: str, lr: float) -> float:
-    """Seconds of the plain loop: 'fb' forward+backward, 'fbs' + SGD step, 'f' forward only."""
-    model = load_causal_lm(spec)
-    params = [t.weight for t in find_targets(model).values()]
-    model.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=lr)
-    t0 = time.perf_counter()
-    for i in range(0, blocks.shape[0], batch_size):
-        batch = blocks[i : i + batch_size]
-        if mode == "f":
-            with torch.no_grad():
-                model(input_ids=batch, use_cache=False)
-            continue
-        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        if mode == "fbs":
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
-
-
 def ours(spec: ModelSpec, dm: CalibrationDataModule, estimator: str, lr: float) -> dict[str, float]:
-    module = DPrunerModule(model=spec, method=DPrunerMethod(general_estimator=estimator, alpha=lr),
-                           output=OutputSpec(export_model=False, save_importance=False, save_masks=False))
-    trainer = L.Trainer(**module.trainer_kwargs(), accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
-    trainer.fit(module, dm)
-    return module.phase_seconds
+    return fit_ours(spec, dm, DPrunerMethod(general_estimator=estimator, alpha=lr)).phase_seconds
 
 
 def main() -> None:
@@ -87,7 +56,7 @@ def main() -> None:
     lr = 3e-4
 
     bare_loop(spec, general[: 2 * args.batch_size], args.batch_size, "fb", lr)  # warm-up
-    best = lambda f: min(f() for _ in range(args.repeats))  # noqa: E731
+    best = lambda f: best_of(f, args.repeats)  # noqa: E731
     rows = []
     t_fb = best(lambda: bare_loop(spec, general, args.batch_size, "fb", lr))
     t_fbs = best(lambda: bare_loop(spec, domain, args.batch_size, "fbs", lr))

@@ -7,7 +7,9 @@ targets, and adds up, for the calibration passes:
 * **gradients**: one per target weight, in the model's dtype (gradient passes only; nothing else
   requires grad);
 * **method state**: what the method keeps per target (:meth:`PruningMethod.state_bytes`; D-PRUNER:
-  the Taylor sums, G, S, the copy W0 and, for 16-bit models, the fp32 master weights);
+  the Taylor sums, G, S, the copy W0 and, for 16-bit models, the fp32 master weights). With the
+  method's ``state_device: cpu`` it is in host memory: reported apart (``host_state``), and counted
+  against the device only when the device is the CPU;
 * **activations of one micro-batch**: per decoder layer ``b*s*h*(34 + 5*a*s/h)`` bytes at 16 bits
   (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer Models"), scaled
   to the activation dtype, or only each layer's input plus one layer with gradient checkpointing; plus
@@ -15,7 +17,8 @@ targets, and adds up, for the calibration passes:
 
 It is an estimate: allocator caching, the framework's workspace and fragmentation come on top, and
 the CPU figure also holds the tokenised data and the Python runtime. :func:`check_fits` compares it
-with the device's memory and refuses, before any compute, a run that cannot fit.
+with the device's memory (and host state with the host's) and refuses, before any compute, a run that
+cannot fit.
 """
 
 from __future__ import annotations
@@ -41,18 +44,28 @@ def size(n: float) -> str:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Estimated peak bytes by kind. ``method_state`` is the state on the weights' device, ``host_state``
+    the state the method keeps in host memory (``state_device: cpu``)."""
+
     weights: int
     gradients: int
     method_state: int
     activations: int
+    host_state: int = 0
 
     @property
     def total(self) -> int:
+        """Bytes on the weights' device (host state excluded)."""
         return self.weights + self.gradients + self.method_state + self.activations
 
+    def on(self, device: torch.device) -> int:
+        """Bytes the run needs on ``device``: the host state counts only when the device is the CPU."""
+        return self.total + (self.host_state if torch.device(device).type == "cpu" else 0)
+
     def describe(self) -> str:
+        host = f"; method state in host memory {size(self.host_state)}" if self.host_state else ""
         return (f"estimated peak {size(self.total)} = weights {size(self.weights)} + gradients {size(self.gradients)} + "
-                f"method state {size(self.method_state)} + activations of one micro-batch {size(self.activations)}")
+                f"method state {size(self.method_state)} + activations of one micro-batch {size(self.activations)}{host}")
 
 
 def _activation_bytes(config, batch: int, seq_len: int, dtype_bytes: int, checkpointing: bool, grad: bool) -> int:
@@ -92,8 +105,9 @@ def estimate_memory(spec: ModelSpec, method: PruningMethod, targets: TargetSpec,
             weights += p.numel() * dtype_bytes
     grad = any(p.mode in ("backward", "sgd") for p in method.passes())
     target_numel = sum(r * c for r, c in shapes.values())
+    on_device, on_host = method.state_bytes_by_place(shapes, dtype_bytes)
     return MemoryEstimate(weights=weights, gradients=target_numel * dtype_bytes if grad else 0,
-                          method_state=method.state_bytes(shapes, dtype_bytes),
+                          method_state=on_device, host_state=on_host,
                           activations=_activation_bytes(config, batch_size, seq_len, dtype_bytes,
                                                         spec.gradient_checkpointing, grad))
 
@@ -112,13 +126,23 @@ def available_bytes(device: torch.device) -> Optional[int]:
 
 
 def check_fits(estimate: Optional[MemoryEstimate], device: torch.device, what: str) -> None:
-    """Log the estimate; raise ``ValueError`` (before any compute) when it exceeds the device's memory."""
+    """Log the estimate; raise ``ValueError`` (before any compute) when it exceeds the device's memory,
+    or when the method's host state exceeds the host's. Only device bytes are compared with an
+    accelerator's memory."""
     if estimate is None:
         log.info("memory estimate unavailable for %s (config not readable without the weights)", what)
         return
+    device = torch.device(device)
     have = available_bytes(device)
     log.info("%s on %s: %s%s", what, device, estimate.describe(), f" (available {size(have)})" if have else "")
-    if have is not None and estimate.total > have:
+    if have is not None and estimate.on(device) > have:
+        offload = "" if estimate.host_state or device.type == "cpu" else "model.method.init_args.state_device cpu, "
         raise ValueError(f"{what} will not fit on {device}: {estimate.describe()}, but only {size(have)} "
-                         "is available. Use model.model.dtype bfloat16, model.model.gradient_checkpointing true, a "
-                         "smaller data.batch_size or data.seq_len, or a device with more memory")
+                         f"is available. Use {offload}model.model.dtype bfloat16, model.model.gradient_checkpointing true, "
+                         "a smaller data.batch_size or data.seq_len, or a device with more memory")
+    if device.type != "cpu" and estimate.host_state:
+        host = available_bytes(torch.device("cpu"))
+        if host is not None and estimate.host_state > host:
+            raise ValueError(f"{what}: the method's state in host memory needs {size(estimate.host_state)}, but the "
+                             f"host has only {size(host)} available. Use model.method.init_args.state_device auto (on "
+                             f"{device}) or a machine with more memory")

@@ -72,6 +72,7 @@ class DPrunerModule(L.LightningModule):
         self.model_spec = model
         self.method = method if method is not None else DPrunerMethod()
         self.method.check_mask_spec(mask)  # methods that honour only some mask settings reject the rest now
+        output.check_mask(mask.resolved_granularity(self.method.default_granularity), self.method.structured)
         self.mask_spec = mask
         self.target_spec = targets
         self.output = output
@@ -150,6 +151,8 @@ class DPrunerModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._restore_fp32_buffers()
+        self.method.world_size = self.trainer.world_size  # one process: a method may step in after_backward
+        self.method.step_stats = bool(self.trainer.loggers)  # per-step statistics only when something logs them
 
     def on_fit_end(self) -> None:
         self._targets_require_grad(False)

@@ -37,11 +37,21 @@ class TaylorState:
 
 
 @torch.no_grad()
-def taylor_accumulate_(state: TaylorState, grad: torch.Tensor) -> None:
-    """Add one micro-batch gradient (any dtype) to the running sums."""
-    g = grad.to(state.grad_sum.device, torch.float32)
-    state.grad_sum.add_(g)
-    state.sq_sum.addcmul_(g, g)
+def taylor_accumulate_(state: TaylorState, grad: torch.Tensor, work: torch.Tensor | None = None) -> None:
+    """Add one micro-batch gradient (any dtype) to the running sums; the first one (``count`` 0) is
+    written over them, so they may start uninitialised. ``work``: an fp32 buffer shaped like the sums to
+    hold the gradient's fp32 copy (instead of a fresh one; mixed-dtype arithmetic on the CPU is about
+    twice as slow as a conversion, then fp32 arithmetic)."""
+    if work is not None and not (grad.dtype == torch.float32 and grad.device == state.grad_sum.device):
+        g = work.copy_(grad)
+    else:
+        g = grad.to(state.grad_sum.device, torch.float32)
+    if state.count == 0:
+        state.grad_sum.copy_(g)
+        torch.mul(g, g, out=state.sq_sum)
+    else:
+        state.grad_sum.add_(g)
+        state.sq_sum.addcmul_(g, g)
     state.count += 1
 
 
@@ -49,6 +59,9 @@ def taylor_accumulate_(state: TaylorState, grad: torch.Tensor) -> None:
 def taylor_all_reduce_(state: TaylorState, all_reduce_sum) -> None:
     """Several processes: replace the sums and the count by their totals over ranks (``all_reduce_sum``:
     in-place sum of a tensor over ranks), so :func:`taylor_score` equals one process over all batches."""
+    if state.count == 0:  # a rank without batches: its sums may never have been written
+        state.grad_sum.zero_()
+        state.sq_sum.zero_()
     all_reduce_sum(state.grad_sum)
     all_reduce_sum(state.sq_sum)
     count = torch.tensor([float(state.count)], dtype=torch.float64, device=state.grad_sum.device)
@@ -56,11 +69,18 @@ def taylor_all_reduce_(state: TaylorState, all_reduce_sum) -> None:
 
 
 @torch.no_grad()
-def taylor_score(state: TaylorState, weight: torch.Tensor) -> torch.Tensor:
-    """``|gbar * W + 0.5 * W^2 * F|`` from the accumulated sums."""
+def taylor_score(state: TaylorState, weight: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """``|gbar * W + 0.5 * W^2 * F|`` from the accumulated sums. ``in_place``: computed in the sums' own
+    buffers (the result is ``state.grad_sum``; the state is used up): no new memory the size of the
+    matrix, where the plain form makes five temporaries and the result."""
     if state.count == 0:
         raise RuntimeError("taylor importance has no accumulated batch: the general pass saw no data")
     w = weight.to(state.grad_sum.device, torch.float32)
+    if in_place:
+        taylor = state.grad_sum.div_(state.count).mul_(w)  # gbar * W
+        curvature = state.sq_sum.div_(state.count).mul_(w).mul_(w)  # F * W^2
+        state.count = 0
+        return taylor.add_(curvature, alpha=0.5).abs_()
     gbar = state.grad_sum / state.count
     fisher = state.sq_sum / state.count
     return (gbar * w + 0.5 * w * w * fisher).abs_()
@@ -72,7 +92,7 @@ def normalise_mean_(scores: dict[str, torch.Tensor]) -> float:
 
     One scalar (not one per matrix) keeps the relative importance between layers, and makes
     ``lambda_reg`` mean the same across models, sizes and estimators."""
-    total = sum(float(s.double().sum()) for s in scores.values())
+    total = sum(float(s.sum(dtype=torch.float64)) for s in scores.values())  # fp64 sums, no fp64 copies
     count = sum(s.numel() for s in scores.values())
     if count == 0 or not total > 0:
         raise RuntimeError(
@@ -86,18 +106,32 @@ def normalise_mean_(scores: dict[str, torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def regulariser_grad(
-    general: torch.Tensor, weight: torch.Tensor, weight0: torch.Tensor, lambda_reg: float
-) -> torch.Tensor:
-    """Gradient of ``lambda * sum G (W - W0)^2`` with respect to W: ``2 * lambda * G * (W - W0)``."""
-    diff = weight.to(torch.float32) - weight0.to(device=weight.device, dtype=torch.float32)
-    return diff.mul_(general.to(weight.device)).mul_(2.0 * lambda_reg)
+def weighted_drift(general: torch.Tensor, weight: torch.Tensor, weight0: torch.Tensor, out: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """``G * (W - W0)`` in fp32 (the regulariser's gradient without its ``2 * lambda``). ``out``: an fp32
+    buffer shaped like ``weight`` (not ``weight`` itself) to write it into."""
+    w = weight if weight.dtype == torch.float32 else weight.float()
+    # W0 converted into the buffer first: fp32 arithmetic is about twice as fast as mixed-dtype on the CPU
+    diff = weight0.to(w.device, torch.float32, copy=True) if out is None else out.copy_(weight0)
+    torch.sub(w, diff, out=diff)
+    return diff.mul_(general.to(w.device))
 
 
 @torch.no_grad()
-def dual_accumulate_(score: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> None:
-    """``S += |g*W + 0.5*(g*W)^2|`` for one micro-batch (g: gradient of the regularised loss)."""
-    gw = grad.to(score.device, torch.float32) * weight.to(score.device, torch.float32)
+def regulariser_grad(
+    general: torch.Tensor, weight: torch.Tensor, weight0: torch.Tensor, lambda_reg: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gradient of ``lambda * sum G (W - W0)^2`` with respect to W: ``2 * lambda * G * (W - W0)``, in fp32.
+    ``out``: an fp32 buffer shaped like ``weight`` (not ``weight`` itself) to write it into."""
+    return weighted_drift(general, weight, weight0, out).mul_(2.0 * lambda_reg)
+
+
+@torch.no_grad()
+def dual_accumulate_(score: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, work: torch.Tensor | None = None) -> None:
+    """``S += |g*W + 0.5*(g*W)^2|`` for one micro-batch (g: gradient of the regularised loss). ``work``: an
+    fp32 buffer shaped like ``score`` for ``g*W`` (it may be ``grad`` itself, which is then overwritten)."""
+    g, w = grad.to(score.device, torch.float32), weight.to(score.device, torch.float32)
+    gw = g * w if work is None else torch.mul(g, w, out=work)
     score.add_(gw.addcmul_(gw, gw, value=0.5).abs_())
 
 

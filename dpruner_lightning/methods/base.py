@@ -19,6 +19,14 @@ by block on the outputs of the already reconstructed blocks, with the layer Hess
 calibration set, the open-domain one, or the mix ``(1 - hessian_mix) H_domain + hessian_mix H_general``.
 The batches are gathered by extra ``collect`` passes (:meth:`batch_passes`); reconstruction runs on
 one process only.
+
+Where the state lives (:attr:`PruningMethod.state_device`). ``auto``: every accumulator and weight copy
+sits on its target weight's device. ``cpu``: they sit in host memory (pinned when the weights are on an
+accelerator, so the weights written back from them travel without blocking), and the per-step
+arithmetic runs there too: the gradient comes to the state, never the state to the device. Device
+memory then holds only the weights, the gradients of one micro-batch and the activations; the price is
+a host round trip per gradient and host arithmetic per step. The reconstruction Hessians (``reconstruct``)
+are not moved.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from ..algorithms.targets import Target, block_index, find_decoder_blocks
 from ..config import MaskSpec
 
 PassMode = Literal["forward", "backward", "sgd", "collect", "none"]
+StateDevice = Literal["auto", "cpu"]
+STATE_DEVICES = ("auto", "cpu")
 
 #: In-place sum of a tensor over all ranks (returns it); the identity on one process.
 AllReduceSum = Callable[[torch.Tensor], torch.Tensor]
@@ -75,6 +85,15 @@ class PruningMethod:
     hessian_mix: float = 0.0
     #: Dampening of the reconstruction Hessian, a fraction of mean(diag H).
     damp: float = 0.01
+    #: Where accumulators and weight copies live: ``auto`` (the weights' device) or ``cpu`` (module docstring).
+    state_device: str = "auto"
+    #: Processes running the passes, set by the layer before the first pass. On one, nothing touches the
+    #: gradients between :meth:`after_backward` and :meth:`sgd_step`, so a method may take its step in
+    #: the former (then leaving no gradient to the latter).
+    world_size: int = 1
+    #: Whether :meth:`after_backward` computes per-step statistics to log (the layer turns it off when
+    #: nothing is logged: they cost passes over every weight).
+    step_stats: bool = True
 
     def __init__(self) -> None:
         self.targets: dict[str, Target] = {}
@@ -82,6 +101,7 @@ class PruningMethod:
         self.plan_summary: dict = {}
         #: Calibration ``input_ids`` by source, gathered by the ``collect`` passes.
         self.batches: dict[str, list[torch.Tensor]] = {}
+        self._scratch: dict[torch.device, list[torch.Tensor]] = {}
 
     def configure_reconstruction(self, reconstruct: str = "none", hessian_mix: float = 0.0) -> None:
         """Validate and set the reconstruction options (subclasses call it from ``__init__``)."""
@@ -94,6 +114,53 @@ class PruningMethod:
         if self.needs_batches():
             self.multi_process = False  # the sequential solve replays the batches of one process
 
+    def configure_state_device(self, state_device: str) -> None:
+        """Validate and set :attr:`state_device` (subclasses that keep state call it from ``__init__``)."""
+        if state_device not in STATE_DEVICES:
+            raise ValueError(f"state_device must be 'auto' (the weights' device) or 'cpu' (host memory); got {state_device!r}")
+        self.state_device = state_device
+
+    def state_device_of(self, weight: torch.Tensor) -> torch.device:
+        """The device of the state kept for ``weight`` under :attr:`state_device`."""
+        return torch.device("cpu") if self.state_device == "cpu" else weight.device
+
+    def new_state(self, like: torch.Tensor, dtype: torch.dtype = torch.float32, zero: bool = True) -> torch.Tensor:
+        """Zeros (``zero=False``: uninitialised memory, for an accumulator whose first update overwrites it)
+        shaped like ``like`` (``out x in`` view or parameter) on the state device."""
+        device = self.state_device_of(like)
+        make = torch.zeros if zero else torch.empty
+        return make(like.shape, dtype=dtype, device=device, pin_memory=_pinned(like, device))
+
+    def copy_to_state(self, tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A copy of ``tensor`` (in ``dtype``, default its own) on the state device. The copy from an
+        accelerator blocks: the host reads it right away."""
+        device = self.state_device_of(tensor)
+        out = torch.empty(tensor.shape, dtype=dtype or tensor.dtype, device=device, pin_memory=_pinned(tensor, device))
+        return out.copy_(tensor)
+
+    def scratch(self, weight: torch.Tensor, shape: tuple[int, int], count: int) -> list[torch.Tensor]:
+        """``count`` fp32 buffers of ``shape`` on the state device of ``weight``, reused by every matrix and
+        step (allocated once, as large as the largest target): a fresh temporary of a matrix's size costs
+        the CPU a page fault per 4 KiB every time (about half the per-step arithmetic of the dual pass),
+        and an accelerator's allocator churn. The buffers hold garbage; free them with :meth:`free_scratch`."""
+        device = self.state_device_of(weight)
+        numel = shape[0] * shape[1]
+        buffers = self._scratch.get(device, [])
+        if len(buffers) < count or buffers[0].numel() < numel:
+            size = max([numel] + [r * c for r, c in (t.shape for t in self.targets.values())])
+            buffers = [torch.empty(size, dtype=torch.float32, device=device, pin_memory=_pinned(weight, device))
+                       for _ in range(count)]
+            self._scratch[device] = buffers
+        return [b[:numel].view(shape) for b in buffers[:count]]
+
+    def free_scratch(self) -> None:
+        self._scratch = {}
+
+    @staticmethod
+    def scratch_bytes(shapes: Mapping[str, tuple[int, int]], count: int) -> int:
+        """Bytes of ``count`` :meth:`scratch` buffers for targets of these shapes (memory estimate)."""
+        return max((r * c for r, c in shapes.values()), default=0) * 4 * count
+
     def check_mask_spec(self, spec: MaskSpec) -> None:
         """Reject mask settings the method cannot honour; called when the module is built (before compute)."""
 
@@ -103,12 +170,24 @@ class PruningMethod:
 
     def state_bytes(self, shapes: Mapping[str, tuple[int, int]], weight_bytes: int) -> int:
         """Peak bytes of the method's own state for targets of these ``out x in`` shapes (memory
-        estimate before a run). Default: one fp32 score per weight, plus the collected batches' layer
-        Hessians of one decoder block when reconstructing (approximated as the largest target's)."""
-        total = sum(r * c for r, c in shapes.values()) * 4
-        if self.needs_batches() and shapes:
-            total += max(c * c for _, c in shapes.values()) * 4 * len(self.batch_sources())
-        return total
+        estimate before a run). Default: one fp32 score per weight, plus :meth:`reconstruction_state_bytes`."""
+        return sum(r * c for r, c in shapes.values()) * 4 + self.reconstruction_state_bytes(shapes)
+
+    def reconstruction_state_bytes(self, shapes: Mapping[str, tuple[int, int]]) -> int:
+        """The collected batches' layer Hessians of one decoder block when reconstructing (approximated
+        as the largest target's); 0 otherwise."""
+        if not (self.needs_batches() and shapes):
+            return 0
+        return max(c * c for _, c in shapes.values()) * 4 * len(self.batch_sources())
+
+    def state_bytes_by_place(self, shapes: Mapping[str, tuple[int, int]], weight_bytes: int) -> tuple[int, int]:
+        """:meth:`state_bytes` split into (on the weights' device, in host memory): with ``state_device``
+        ``cpu`` everything but the reconstruction Hessians is in host memory."""
+        total = self.state_bytes(shapes, weight_bytes)
+        if self.state_device != "cpu":
+            return total, 0
+        on_device = self.reconstruction_state_bytes(shapes)
+        return on_device, total - on_device
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def passes(self) -> list[CalibrationPass]:
@@ -150,17 +229,20 @@ class PruningMethod:
     @torch.no_grad()
     def after_backward(self, p: CalibrationPass) -> dict[str, float | torch.Tensor]:
         """Read (and possibly modify) ``target.weight.grad`` after one micro-batch; return stats to log
-        (0-dim tensors are fine and avoid a host sync per matrix)."""
+        (0-dim tensors are fine and avoid a host sync per matrix; none when :attr:`step_stats` is off).
+        A method may free each gradient once it has used it; on one process (:attr:`world_size` 1) it may
+        also take the ``sgd`` step here, leaving no gradient to :meth:`sgd_step`."""
         return {}
 
     @torch.no_grad()
     def sgd_step(self, p: CalibrationPass) -> None:
         """One step of an ``sgd`` pass from ``target.weight.grad`` (as :meth:`after_backward` left it) at
         :attr:`learning_rate`; the layer calls it after averaging the gradients over ranks. Plain SGD
-        in place; a method keeping fp32 master weights overrides it."""
+        in place, each gradient freed once applied; a method keeping fp32 master weights overrides it."""
         for t in self.targets.values():
             if t.weight.grad is not None:
                 t.weight.add_(t.weight.grad, alpha=-self.learning_rate)
+                t.weight.grad = None
 
     def collect(self, p: CalibrationPass, input_ids: torch.Tensor) -> None:
         self.batches.setdefault(p.source, []).append(input_ids.detach())
@@ -171,6 +253,23 @@ class PruningMethod:
         if missing:
             raise RuntimeError(f"{self.name} has no {' / '.join(missing)} calibration batches: run its collect passes first")
         return weighted_sets(self.batches.get("domain", []), self.batches.get("general"), self.hessian_mix)
+
+    def state_collective(self, all_reduce_sum: AllReduceSum) -> AllReduceSum:
+        """``all_reduce_sum`` for this method's state: with ``state_device: cpu`` and accelerator weights, a
+        host tensor is summed through a copy on the weights' device (NCCL sums accelerator tensors only)
+        and copied back; otherwise ``all_reduce_sum`` itself."""
+        device = next(iter(self.targets.values())).weight.device if self.targets else torch.device("cpu")
+        if self.state_device != "cpu" or device.type == "cpu":
+            return all_reduce_sum
+
+        def reduce_(t: torch.Tensor) -> torch.Tensor:
+            if t.device == device:
+                return all_reduce_sum(t)
+            on_device = t.to(device)
+            all_reduce_sum(on_device)
+            return t.copy_(on_device)
+
+        return reduce_
 
     def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum: AllReduceSum) -> None:
         """Several processes only: called once at the end of pass ``p``, before :meth:`end_pass`, on every
@@ -237,3 +336,20 @@ class PruningMethod:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _pinned(source: torch.Tensor, device: torch.device) -> bool:
+    """Host state for tensors on an accelerator is pinned (page-locked): copies to and from it can run
+    without blocking the host."""
+    return device.type == "cpu" and source.device.type != "cpu"
+
+
+@torch.no_grad()
+def send_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)``; from host state to an accelerator, ``src`` is converted to ``dst``'s dtype on
+    the host into pinned memory and sent without blocking (the pinned allocator keeps that buffer until
+    the copy has run, and the stream orders the copy before any later use of ``dst``)."""
+    if src.device.type != "cpu" or dst.device.type == "cpu":
+        return dst.copy_(src)
+    staged = torch.empty(src.shape, dtype=dst.dtype, pin_memory=True).copy_(src)
+    return dst.copy_(staged, non_blocking=True)

@@ -31,6 +31,11 @@ module then averages the step gradients over ranks by hand before the SGD step, 
 the same update and the weights stay identical. One step on N ranks is therefore one process with
 gradient accumulation over N micro-batches at the same weights (S gets N terms, the step uses their
 mean gradient), not N sequential steps.
+
+Memory. ``state_device: cpu`` keeps the Taylor sums (or OBS Hessians), G, S, W0 and the fp32 masters in
+host memory and runs the per-step arithmetic there (see :mod:`.base`). Gradients are freed as soon as
+they are used: each general-pass gradient once added to the Taylor sums, each dual-pass gradient once
+its step is applied.
 """
 
 from __future__ import annotations
@@ -45,13 +50,13 @@ from ..algorithms.importance import (
     TaylorState,
     dual_accumulate_,
     normalise_mean_,
-    regulariser_grad,
     taylor_accumulate_,
     taylor_all_reduce_,
     taylor_score,
+    weighted_drift,
 )
 from ..config import MaskSpec
-from .base import CalibrationPass, PruningMethod
+from .base import CalibrationPass, PruningMethod, send_
 from .sparsegpt import check_sequential_mask_spec, prune_sequentially, sequential_tolerance
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ class DPrunerMethod(PruningMethod):
         hessian_mix: float = 0.0,
         selection: Literal["score", "sequential"] = "score",
         dual_exponent: float = 1.0,
+        state_device: Literal["auto", "cpu"] = "auto",
     ) -> None:
         """
         Args:
@@ -95,6 +101,9 @@ class DPrunerMethod(PruningMethod):
                 OBS saliency ``w^2/d^2`` times ``(S / mean S)^dual_exponent``; needs ``reconstruct``
                 ``obs`` (SparseGPT's update) or ``exact`` (then the exact least-squares kept weights)).
             dual_exponent: weight of the dual importance in ``sequential`` selection (0: pure OBS).
+            state_device: where the Taylor sums / Hessians, G, S, W0 and the fp32 masters live: ``auto``
+                (the weights' device) or ``cpu`` (host memory, pinned for accelerator weights; the
+                per-step arithmetic then runs on the host). The results are the same.
         """
         super().__init__()
         if general_estimator not in ("taylor", "obs"):
@@ -124,6 +133,7 @@ class DPrunerMethod(PruningMethod):
             raise ValueError(f"dual_exponent must be >= 0; got {dual_exponent}")
         self.selection, self.dual_exponent = selection, float(dual_exponent)
         self.configure_reconstruction(reconstruct, hessian_mix)
+        self.configure_state_device(state_device)
         self.general: dict[str, torch.Tensor] = {}
         self.dual: dict[str, torch.Tensor] = {}
         self.master: dict[str, torch.Tensor] = {}  # fp32 copies of 16-bit target weights during the dual pass
@@ -157,16 +167,19 @@ class DPrunerMethod(PruningMethod):
         return done
 
     def state_bytes(self, shapes, weight_bytes: int) -> int:
-        """General pass: the Taylor sums (2 fp32) and G (or, ``obs``, one fp32 ``in x in`` Hessian per
-        target); dual pass: G, S, W0 in the model's dtype, and fp32 masters for 16-bit weights."""
+        """General pass: the Taylor sums (2 fp32; G is computed in their place) or, ``obs``, one fp32
+        ``in x in`` Hessian per target and G; dual pass: G, S, W0 in the model's dtype, and fp32 masters
+        for 16-bit weights; plus the per-step buffers (:meth:`scratch`: one, three in the dual pass, each
+        as large as the largest target)."""
         weights = sum(r * c for r, c in shapes.values())
         if self.general_estimator == "taylor":
-            general = weights * (8 + 4)
+            general = weights * 8  # G is then computed in place of the sums
         else:
             general = sum(c * c for _, c in shapes.values()) * 4 + weights * 4
         master = 4 if weight_bytes < 4 and self.learning_rate > 0 else 0
-        dual = weights * (4 + 4 + weight_bytes + master)
-        return max(general, dual) + super().state_bytes(shapes, weight_bytes) - weights * 4  # + reconstruction
+        dual = weights * (4 + 4 + weight_bytes + master) + self.scratch_bytes(shapes, 3)
+        general += self.scratch_bytes(shapes, 1) if self.general_estimator == "taylor" else 0
+        return max(general, dual) + self.reconstruction_state_bytes(shapes)
 
     def prepare(self, model, targets) -> None:
         super().prepare(model, targets)
@@ -176,73 +189,122 @@ class DPrunerMethod(PruningMethod):
                 if t is None or name not in scores or tuple(scores[name].shape) != tuple(t.shape):
                     raise ValueError(f"saved importance does not match this model's target {name!r}: resume from a run "
                                      "of the same model and targets")
-                scores[name] = scores[name].to(t.weight.device)
+                scores[name] = scores[name].to(self.state_device_of(t.weight))
 
     def start_pass(self, p: CalibrationPass) -> None:
         if p.mode == "collect":
             super().start_pass(p)
         elif p.name == "general":
             if self.general_estimator == "taylor":
-                self._taylor = {n: TaylorState.zeros_like(t.weight_view()) for n, t in self.targets.items()}
+                # uninitialised: the first gradient is written over them (no zero-fill of 8 bytes per weight)
+                self._taylor = {n: TaylorState(self.new_state(t.weight_view(), zero=False),
+                                               self.new_state(t.weight_view(), zero=False)) for n, t in self.targets.items()}
             else:
-                self._stats = InputStatistics(self.targets, kind="hessian")
+                self._stats = InputStatistics(self.targets, kind="hessian", device="cpu" if self.state_device == "cpu" else None)
                 self._stats.attach()
         elif p.name == "dual":
             # W0 is kept in memory in the model's dtype: it is both the regulariser's anchor and what
             # the masks are applied to (never re-read from disk).
-            self.original = {n: t.weight_view().detach().clone() for n, t in self.targets.items()}
-            self.dual = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.weight.device) for n, t in self.targets.items()}
+            self.original = {n: self.copy_to_state(t.weight_view().detach()) for n, t in self.targets.items()}
+            self.dual = {n: self.new_state(t.weight_view()) for n, t in self.targets.items()}
             # bf16 / fp16 weights cannot hold alpha-sized steps (most would round back to the same value):
             # the dual pass updates fp32 master copies and writes them back rounded (see sgd_step).
-            self.master = {n: t.weight_view().detach().float().clone() for n, t in self.targets.items()
+            self.master = {n: self.copy_to_state(t.weight_view().detach(), torch.float32) for n, t in self.targets.items()
                            if t.weight.dtype != torch.float32 and self.learning_rate > 0}
 
     @torch.no_grad()
     def after_backward(self, p: CalibrationPass) -> dict[str, torch.Tensor]:
         if p.name == "general":
             for name, t in self.targets.items():
-                taylor_accumulate_(self._taylor[name], t.weight_view(t.weight.grad))
+                if t.weight.grad is not None:
+                    (work,) = self.scratch(t.weight, t.shape, 1)
+                    taylor_accumulate_(self._taylor[name], t.weight_view(t.weight.grad), work)
+                    t.weight.grad = None  # accumulated: free it now (this pass takes no step)
             return {}
-        # Norms stay on the device and are summed as tensors: one host sync per step, not one per matrix.
+        return self._dual_gradients()
+
+    def _dual_gradients(self) -> dict[str, torch.Tensor]:
+        """S += the terms of the regularised gradient, and the step: taken at once on one process, else
+        left in each target's gradient for :meth:`sgd_step`. The arithmetic runs where the state lives
+        (``state_device``), in three reused fp32 buffers per matrix (:meth:`scratch`): A the task gradient,
+        B the regulariser and then the step, C the gradient of L_ours and then the proximal denominator."""
         grads = {name: t.weight_view(t.weight.grad) for name, t in self.targets.items()}
-        # fp32 accumulation without an fp32 copy of each 16-bit gradient (the loop below makes the one it needs)
-        task_sq = sum(torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads.values())
         # max_grad_norm clips the TASK gradient of the step (global norm over the targets), before the
         # regulariser and the proximal division, so the step is the closed form with a clipped g_task.
-        clip = 1.0
+        # That norm is needed before any step: a pass of its own, and one host sync per step.
+        task_sq, clip = None, 1.0
         if self.max_grad_norm:
-            clip = (self.max_grad_norm / task_sq.sqrt().clamp_min(1e-30)).clamp(max=1.0)
-        reg_sq = torch.zeros((), dtype=torch.float32)
+            task_sq = sum(torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads.values())
+            clip = min(1.0, self.max_grad_norm / max(float(task_sq.sqrt()), 1e-30))
+        k, c = 2.0 * self.lambda_reg, 2.0 * self.alpha * self.lambda_reg
+        proximal = self.update == "proximal" and c > 0
+        norms: dict[str, list[torch.Tensor]] = {"task": [], "reg": []}  # summed at the end: no host sync per matrix
         for name, t in self.targets.items():
-            grad, task = grads[name], grads[name].float()
-            weight = self.master.get(name, t.weight_view())  # the fp32 master when the weights are 16-bit
-            total = task
-            step = task * clip
-            if self.lambda_reg > 0:
-                reg = regulariser_grad(self.general[name], weight, self.original[name], self.lambda_reg)
-                reg_sq = reg_sq.to(reg.device) + reg.pow(2).sum()
-                total = task + reg
-                step = step + reg
-                if self.update == "proximal":  # implicit regulariser: stable for any G (module docstring)
-                    step = step / self.general[name].mul(2.0 * self.alpha * self.lambda_reg).add_(1.0)
-            grad.copy_(step)  # what sgd_step applies
-            dual_accumulate_(self.dual[name], total, weight)  # S: the unclipped gradient of L_ours
-        return {"dual/task_grad_norm": task_sq.sqrt(), "dual/reg_grad_norm": reg_sq.sqrt()}
+            grad, score = grads[name], self.dual[name]
+            A, B, C = self.scratch(t.weight, t.shape, 3)
+            task = grad if grad.dtype == torch.float32 and grad.device == score.device else A.copy_(grad)
+            if self.step_stats and task_sq is None:
+                norms["task"].append(torch.linalg.vector_norm(task))
+            # the fp32 master when the weights are 16-bit (else the weights, brought to the state)
+            weight = self.master[name] if name in self.master else t.weight_view().to(score.device)
+            if self.lambda_reg <= 0:
+                total = task
+                step = task if clip == 1.0 else torch.mul(task, clip, out=B)
+            else:
+                drift = weighted_drift(self.general[name], weight, self.original[name], out=B)  # G (W - W0)
+                if self.step_stats:
+                    norms["reg"].append(torch.linalg.vector_norm(drift).mul_(k))
+                if clip == 1.0:
+                    total = step = torch.add(task, drift, alpha=k, out=B)  # g_ours is the step itself
+                else:
+                    total = torch.add(task, drift, alpha=k, out=C)
+                    step = drift.mul_(k).add_(task, alpha=clip)  # clip * g_task + regulariser
+            # S: the unclipped gradient of L_ours (C holds g*W, overwriting g_ours when it is there)
+            dual_accumulate_(score, total, weight, work=C)
+            if self.learning_rate <= 0:  # no step is taken: S is all this pass computes
+                continue
+            scale = 1.0
+            if proximal:  # implicit regulariser (module docstring): step / (1 + cG) = (step / (G + 1/c)) / c
+                step.div_(torch.add(self.general[name], 1.0 / c, out=C))
+                scale = 1.0 / c  # taken into the update: one pass over the matrix less
+            if self.world_size == 1:  # one process: step now, in fp32 (see sgd_step)
+                self._apply_step(t, name, step, scale)
+                t.weight.grad = None
+            elif step is not task:  # else the gradient already is the step
+                send_(grad, step.mul_(scale) if scale != 1.0 else step)  # for sgd_step, once averaged over ranks
+        if task_sq is None:
+            task_sq = _sum_squares(norms["task"])
+        if not self.step_stats:
+            return {}
+        return {"dual/task_grad_norm": task_sq.sqrt(), "dual/reg_grad_norm": _sum_squares(norms["reg"]).sqrt()}
 
     @torch.no_grad()
     def sgd_step(self, p: CalibrationPass) -> None:
-        """Plain SGD on fp32 weights; on 16-bit weights the fp32 masters take the step (the gradient, as
-        after_backward left it and the layer averaged it over ranks) and the weights are written from them."""
+        """Plain SGD on fp32 weights; on 16-bit weights the fp32 masters take the step and the weights are
+        written from them. On several processes the step is the gradient as after_backward left it and the
+        layer averaged it over ranks (rounded to the weights' dtype); on one, after_backward already took
+        it in fp32 and freed the gradients, and nothing is left to do here. Each gradient is freed once applied."""
         for name, t in self.targets.items():
-            if t.weight.grad is None:
+            grad = t.weight.grad
+            if grad is None:
                 continue
-            if name not in self.master:
-                t.weight.add_(t.weight.grad, alpha=-self.learning_rate)
-                continue
-            self.master[name].add_(t.weight_view(t.weight.grad).float(), alpha=-self.learning_rate)
-            t.weight_view().copy_(self.master[name])
+            # an fp32 copy of a 16-bit step in a reused buffer, then fp32 arithmetic (mixed-dtype is slower)
+            step = grad if grad.dtype == torch.float32 else self.scratch(t.weight, t.shape, 1)[0].copy_(t.weight_view(grad))
+            self._apply_step(t, name, t.weight_view(step) if step is grad else step)
+            t.weight.grad = None
+
+    def _apply_step(self, t, name: str, step: torch.Tensor, scale: float = 1.0) -> None:
+        """``W -= alpha * scale * step`` (``step``: fp32, ``out x in``) on the fp32 master, written to the
+        16-bit weights, or on fp32 weights directly."""
+        master = self.master.get(name)
+        if master is not None:
+            master.add_(step.to(master.device), alpha=-self.learning_rate * scale)
+            send_(t.weight_view(), master)
+        else:
+            t.weight_view().add_(step.to(t.weight.device), alpha=-self.learning_rate * scale)
 
     def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum) -> None:
+        all_reduce_sum = self.state_collective(all_reduce_sum)
         if p.name == "general":
             if self.general_estimator == "taylor":
                 for name in self.targets:
@@ -254,15 +316,18 @@ class DPrunerMethod(PruningMethod):
                 all_reduce_sum(self.dual[name])
 
     def end_pass(self, p: CalibrationPass) -> None:
+        self.free_scratch()
         if p.name != "general":
             return
         if self.general_estimator == "taylor":
-            self.general = {n: taylor_score(self._taylor[n], t.weight_view()) for n, t in self.targets.items()}
+            # G is computed in the Taylor sums' buffers: the pass never holds sums and G side by side
+            self.general = {n: taylor_score(self._taylor[n], t.weight_view(), in_place=True) for n, t in self.targets.items()}
             del self._taylor
         else:
             self._stats.detach()
+            # computed next to the weights (one Hessian there at a time), kept on the state device
             self.general = {
-                n: obs_saliency(t.weight_view().float(), self._stats.hessian(n), damp=self.damp)
+                n: obs_saliency(t.weight_view().float(), self._stats.hessian(n), damp=self.damp).to(self.state_device_of(t.weight))
                 for n, t in self.targets.items()
             }
             del self._stats
@@ -272,8 +337,8 @@ class DPrunerMethod(PruningMethod):
     def _report_stiffness(self) -> None:
         """Say how many weights plain SGD on the regulariser would make diverge (2*alpha*lambda*G > 2)."""
         bound = 1.0 / max(self.alpha * self.lambda_reg, 1e-30)
-        unstable = sum(int((g > bound).sum()) for g in self.general.values())
         g_max = max(float(g.max()) for g in self.general.values())
+        unstable = sum(int((g > bound).sum()) for g in self.general.values()) if g_max > bound else 0  # counted if any
         if unstable:
             msg = (f"{unstable} weights have 2*alpha*lambda*G > 2 (max G = {g_max:.3g}, bound {bound:.3g}): plain SGD "
                    "on the regulariser diverges there")
@@ -303,6 +368,7 @@ class DPrunerMethod(PruningMethod):
     def release(self) -> None:
         super().release()
         self.original, self.master = {}, {}
+        self.free_scratch()
 
     def dual_priors(self) -> dict[str, torch.Tensor]:
         """``(S / mean S)^dual_exponent`` per target (floored at 1e-6 of the mean), the factor of the
@@ -323,3 +389,11 @@ class DPrunerMethod(PruningMethod):
             f"DPrunerMethod(general_estimator={self.general_estimator!r}, lambda_reg={self.lambda_reg}, "
             f"alpha={self.alpha}, dual_epochs={self.dual_epochs}, update={self.update!r}{extra})"
         )
+
+
+def _sum_squares(norms: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squared norms (0-dim tensors, on any devices) without a host sync; 0 for none."""
+    if not norms:
+        return torch.zeros((), dtype=torch.float32)
+    device = norms[0].device
+    return torch.stack([n.to(device) for n in norms]).square().sum()

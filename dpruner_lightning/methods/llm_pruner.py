@@ -23,7 +23,6 @@ from torch import nn
 
 from ..algorithms.masks import parse_granularity
 from ..algorithms.structured import (
-    accumulate_gradients,
     apply_structured_pruning_,
     get_adapter,
     group_importance,
@@ -43,13 +42,15 @@ class LLMPrunerMethod(PruningMethod):
     #: mask checks and reports sparsity against the parameter counts from before pruning.
     structured = True
 
-    def __init__(self, source: Literal["general", "domain"] = "domain", attention: bool = True, mlp: bool = True) -> None:
+    def __init__(self, source: Literal["general", "domain"] = "domain", attention: bool = True, mlp: bool = True,
+                 state_device: Literal["auto", "cpu"] = "auto") -> None:
         """
         Args:
             source: which calibration set the gradients are taken on.
             attention: prune attention groups (heads / KV groups).
             mlp: prune MLP channels. ``attention=False`` keeps every head, so the exported folder of
                 OPT / GPT-2 / GPT-NeoX also reloads with plain ``from_pretrained``.
+            state_device: where the fp32 gradient sums live: ``auto`` (each parameter's device) or ``cpu``.
         """
         super().__init__()
         if source not in ("general", "domain"):
@@ -57,6 +58,7 @@ class LLMPrunerMethod(PruningMethod):
         if not (attention or mlp):
             raise ValueError("LLM-Pruner needs attention=True or mlp=True (otherwise nothing can be removed)")
         self.source, self.attention, self.mlp = source, attention, mlp
+        self.configure_state_device(state_device)
         self.importance: dict[int, dict[str, torch.Tensor]] = {}
         self._grads: dict[str, torch.Tensor] = {}
         self._names: list[str] = []
@@ -96,13 +98,19 @@ class LLMPrunerMethod(PruningMethod):
 
     @torch.no_grad()
     def after_backward(self, p: CalibrationPass) -> dict[str, float]:
-        accumulate_gradients(self.model, self._grads, self._names)
         params = dict(self.model.named_parameters())
-        for name in self._names:  # the module's optimizer only zeroes the target weights' grads
-            params[name].grad = None
+        for name in self._names:
+            param = params[name]
+            if param.grad is None:
+                continue
+            if name not in self._grads:
+                self._grads[name] = self.new_state(param)  # fp32 sum on the state device
+            self._grads[name].add_(param.grad.to(self._grads[name].device))
+            param.grad = None  # accumulated: free it now (the module's optimizer only zeroes the target weights')
         return {}
 
     def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum) -> None:
+        all_reduce_sum = self.state_collective(all_reduce_sum)
         for name in self._names:  # gradient sums of all ranks' micro-batches (same names, same order everywhere)
             if name in self._grads:
                 all_reduce_sum(self._grads[name])

@@ -20,18 +20,20 @@ class WandaMethod(PruningMethod):
     default_granularity = "row"
 
     def __init__(self, source: Literal["general", "domain"] = "domain", reconstruct: str = "none",
-                 hessian_mix: float = 0.0) -> None:
+                 hessian_mix: float = 0.0, state_device: Literal["auto", "cpu"] = "auto") -> None:
         """
         Args:
             source: which calibration set feeds the input norms.
             reconstruct: re-solve the kept weights after masking: ``none``, ``obs`` or ``exact``.
             hessian_mix: open-domain share of the reconstruction Hessian (0: domain only).
+            state_device: where the input norms are accumulated: ``auto`` (the inputs' device) or ``cpu``.
         """
         super().__init__()
         if source not in ("general", "domain"):
             raise ValueError(f"source must be 'general' or 'domain'; got {source!r}")
         self.source = source
         self.configure_reconstruction(reconstruct, hessian_mix)
+        self.configure_state_device(state_device)
         self.norms: dict[str, torch.Tensor] = {}
 
     def scoring_passes(self) -> list[CalibrationPass]:
@@ -40,11 +42,11 @@ class WandaMethod(PruningMethod):
     def start_pass(self, p: CalibrationPass) -> None:
         if p.mode == "collect":
             return super().start_pass(p)
-        self._stats = InputStatistics(self.targets, kind="sq_norm")
+        self._stats = InputStatistics(self.targets, kind="sq_norm", device="cpu" if self.state_device == "cpu" else None)
         self._stats.attach()
 
     def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum) -> None:
-        self._stats.all_reduce_(all_reduce_sum)  # input norms of all ranks' tokens
+        self._stats.all_reduce_(self.state_collective(all_reduce_sum))  # input norms of all ranks' tokens
 
     def end_pass(self, p: CalibrationPass) -> None:
         if p.mode == "collect":

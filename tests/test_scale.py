@@ -1,0 +1,49 @@
+"""benchmarks/scale.py runs end to end on a tiny shape and prints the lines the README quotes."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .conftest import REPO
+
+
+def _scale(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the benchmarks import their shared sibling module
+    return importlib.import_module("scale")
+
+
+def test_scale_benchmark_prints_ratios_mask_seconds_and_peak_against_the_estimate(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)  # nothing may be written where it runs
+    scale = _scale(monkeypatch)
+    result = scale.main(["--shape", "tiny", "--tokens", "4", "--seq-len", "32", "--repeats", "1"])
+    out = capsys.readouterr().out
+    ratios = dict(re.findall(r"^ratio (\w+) (\S+)$", out, re.M))
+    assert set(ratios) == {"general", "dual"}  # D-PRUNER's two passes
+    for name, value in ratios.items():
+        assert math.isfinite(float(value)) and float(value) > 0, name
+        assert float(value) == round(result["ratio"][name], 2)
+    assert re.search(r"^mask_seconds \d+\.\d\d$", out, re.M)
+    peak, estimate = map(float, re.search(r"^peak (\S+) estimate (\S+)$", out, re.M).groups())
+    assert math.isfinite(peak) and math.isfinite(estimate) and peak > 0 and estimate > 0
+    for name in ("general", "dual"):
+        ours, bare = map(float, re.search(rf"^tokens_per_s {name} ours (\S+) bare (\S+)", out, re.M).groups())
+        assert ours > 0 and bare > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scale_shapes_have_their_published_sizes(monkeypatch):
+    scale = _scale(monkeypatch)
+
+    def params(shape: str) -> int:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **scale.SHAPES[shape]))
+        return sum(p.numel() for p in model.parameters())
+
+    assert 100e6 <= params("llama-100m") <= 120e6
+    assert 6.6e9 <= params("llama-2-7b") <= 6.8e9  # 6.74B
+    assert 7.9e9 <= params("llama-3-8b") <= 8.1e9  # 8.03B
