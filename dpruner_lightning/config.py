@@ -103,8 +103,28 @@ class OutputSpec:
     export_sparse: bool = False
     """Also write our sparse format (``sparse_model/``: bitmask + kept values per target, 56% of dense
     bf16 at 50% sparsity); ``dpruner_lightning.export.load_sparse_model`` restores it."""
+    export_compressed_24: bool = False
+    """Also write the model in compressed-tensors' 2:4 layout (``compressed_24_model/``, ``sparse-24-bitmask``:
+    kept values + bitmask per target, metadata in ``config.json``). Needs ``mask.granularity: "2:4"`` and
+    the ``[deploy]`` extra; readers: compressed-tensors <= 0.14 / vLLM before 2026-03, and
+    ``dpruner_lightning.deploy.load_compressed_24`` (see :mod:`dpruner_lightning.deploy`)."""
     histogram_samples: int = 1_000_000
     """Values subsampled per tensor for TensorBoard histograms."""
     overwrite: bool = False
     """A run folder that already holds a run (a fixed logger ``version``) is refused; ``true`` removes
     what that run wrote (summary, importance, masks, exports, event files) and keeps anything else."""
+
+    def check_mask(self, granularity: str, structured: bool = False) -> None:
+        """Raise (before any compute) if an export asked for cannot be made from these masks:
+        ``granularity`` is the resolved mask granularity, ``structured`` a method that removes whole
+        heads / channels instead of masking."""
+        if not self.export_compressed_24:
+            return
+        if structured or granularity.strip().lower() != "2:4":
+            got = "a structured method (shapes shrink, no masks)" if structured else f"granularity {granularity!r}"
+            raise ValueError(f"output.export_compressed_24 writes 2:4 weights: it needs mask.granularity '2:4', got {got}. "
+                             "Set --model.mask.granularity 2:4, or turn export_compressed_24 off.")
+        import importlib.util
+
+        if importlib.util.find_spec("compressed_tensors") is None:
+            raise ImportError("output.export_compressed_24 needs the compressed-tensors package: pip install -e '.[deploy]'")

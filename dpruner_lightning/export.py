@@ -18,6 +18,14 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
+# The in-memory GPU form of a 2:4 model (``to_semi_structured``) is an export too: its code lives in
+# semi_structured, re-exported here (the `X as X` form marks a re-export). The on-disk 2:4 layout of
+# compressed-tensors is in deploy (it needs the [deploy] extra).
+from .semi_structured import Not24Error as Not24Error
+from .semi_structured import check_2_4 as check_2_4
+from .semi_structured import is_2_4 as is_2_4
+from .semi_structured import semi_structured_plan as semi_structured_plan
+from .semi_structured import to_semi_structured as to_semi_structured
 from .sparse_format import (
     CHECKSUM_FILE,
     PARTS,
@@ -33,12 +41,19 @@ from .sparse_format import (
 
 log = logging.getLogger(__name__)
 
+# mkstemp / mkdtemp create 0600 files and 0700 folders: an export would be unreadable by anyone else
+# (a server running as another user). Written files get the modes a plain open() would give them.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -87,6 +102,7 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
     os.close(fd)
     try:
         save_file(flat, tmp, metadata=dict(metadata or {}))
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -189,6 +205,9 @@ def artifact_folder(folder: str | Path, kind: str) -> Iterator[Path]:
     try:
         yield tmp
         atomic_write_json(tmp / MANIFEST, {"kind": kind, "files": sorted(_files(tmp))})
+        for p in [tmp, *tmp.rglob("*")]:  # libraries' writers (save_pretrained) may use private modes too
+            if not p.is_symlink():
+                p.chmod(DIR_MODE if p.is_dir() else FILE_MODE)
         check_replaceable(folder)  # again: the user may have put something there meanwhile
         if folder.is_dir() and any(folder.iterdir()):  # an earlier export of ours: set it aside first
             old = folder.with_name(f"{_OLD}{os.getpid()}.{uuid.uuid4().hex[:8]}.{folder.name}")

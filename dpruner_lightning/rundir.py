@@ -27,7 +27,7 @@ LOCK = ".dpruner.lock"
 #: Files a run writes directly in its folder (export folders are recognised by their manifest).
 RUN_FILES = ("summary.json", "config.yaml", "hparams.yaml", "masks.safetensors", "importance.safetensors",
              "general_importance.safetensors", "dual_importance.safetensors")
-EXPORT_FOLDERS = ("pruned_model", "sparse_model")
+EXPORT_FOLDERS = ("pruned_model", "sparse_model", "compressed_24_model")
 #: Folders this process has claimed: later stages of the same run (fit, then validate) write there again.
 _CLAIMED: set[str] = set()
 

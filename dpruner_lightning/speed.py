@@ -43,6 +43,9 @@ import torch
 from torch import nn
 
 from .memory import KIND_DESCRIPTIONS, PeakMemory
+from .semi_structured import is_2_4 as is_2_4  # `as`: re-exported (the 2:4 code moved to semi_structured)
+from .semi_structured import semi_structured_linear
+from .semi_structured import to_semi_structured as to_semi_structured
 
 log = logging.getLogger(__name__)
 
@@ -164,54 +167,6 @@ def _sparse_linears(model: nn.Module, min_sparsity: float = 0.0) -> dict[str, nn
     return out
 
 
-def is_2_4(weight: torch.Tensor) -> bool:
-    """Whether each group of 4 consecutive inputs of every row holds at least 2 zeros."""
-    if weight.shape[-1] % 4:
-        return False
-    return bool(((weight.reshape(-1, 4) != 0).sum(dim=1) <= 2).all())
-
-
-def _semi_structured_linear(name: str, linear: nn.Linear) -> nn.Linear:
-    """A new Linear (sharing the bias) whose weight is the 2:4-compressed copy of ``linear.weight``."""
-    from torch.sparse import to_sparse_semi_structured
-
-    w = linear.weight.detach()
-    if not w.is_cuda:
-        raise RuntimeError(f"{name}: semi-structured (2:4) sparse weights need a CUDA device; this weight is on {w.device}")
-    if w.dtype not in (torch.float16, torch.bfloat16):
-        raise RuntimeError(f"{name}: semi-structured sparse weights need float16 / bfloat16; this weight is {w.dtype}")
-    if not is_2_4(w):
-        raise RuntimeError(f"{name}: weight {tuple(w.shape)} does not satisfy 2:4 (at most 2 non-zeros in every 4 inputs)")
-    try:
-        packed = to_sparse_semi_structured(w)
-    except Exception as err:  # the kernel's own shape / device checks
-        raise RuntimeError(f"{name}: to_sparse_semi_structured rejected weight {tuple(w.shape)}: {err}") from err
-    new = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
-    new.weight = nn.Parameter(packed, requires_grad=False)
-    new.bias = linear.bias
-    return new
-
-
-def to_semi_structured(model: nn.Module, target_modules: Optional[str] = None,
-                       exclude_modules: Optional[str] = None) -> nn.Module:
-    """Convert the target linears (default: every linear in the decoder blocks) in place to
-    semi-structured (2:4) sparse weights for the GPU kernels. Raises ``RuntimeError`` naming the module
-    on a CPU weight, a dtype other than float16 / bfloat16, a weight not 2:4, or a shape the kernel
-    rejects; nothing is converted unless every target can be."""
-    from .algorithms.targets import find_targets
-
-    targets = find_targets(model, target_modules, exclude_modules)
-    new = {}
-    for name, target in targets.items():
-        if not isinstance(target.module, nn.Linear):
-            raise RuntimeError(f"{name}: only nn.Linear can take semi-structured weights (got {type(target.module).__name__})")
-        new[name] = _semi_structured_linear(name, target.module)
-    for name, module in new.items():
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, module)
-    return model
-
-
 def hardware() -> dict[str, Any]:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()
@@ -284,13 +239,41 @@ def _backend_model(model: nn.Module, backend: str, min_sparsity: float) -> tuple
         new, skipped = {}, []
         for n, m in sparse.items():
             try:
-                new[n] = _semi_structured_linear(n, m)
+                new[n] = semi_structured_linear(n, m)
             except RuntimeError as err:
                 skipped.append(str(err))
         if not new:
             raise RuntimeError(f"unavailable: no linear convertible ({skipped[0] if skipped else 'none 2:4'})")
         return new, f"{len(new)} linears 2:4, {len(skipped)} left dense"
     raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+
+
+def seeded_prompts(vocab: int, lengths: Sequence[int], batch_size: int, seed: int, device: torch.device) -> dict[int, torch.Tensor]:
+    """``{length: [batch, length] token ids}`` drawn once from ``seed`` (the same for every model and backend)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randint(0, vocab, (batch_size, n), generator=gen).to(device) for n in sorted(set(lengths))}
+
+
+def phase_step(run: Callable[..., Any], model: nn.Module, phase: str, n: int, prompts: Mapping[int, torch.Tensor],
+               ) -> tuple[Callable[[], None], Callable[[], None], dict[str, Any]]:
+    """``(step, reset, state)`` of one timed phase: ``prefill`` = one forward over ``n`` prompt tokens;
+    ``decode`` = one token on a KV cache of ``n`` tokens (``reset`` crops the cache back, untimed). Like
+    ``generate``, only the last position's logits are computed where the model allows it. ``state["out"]``
+    holds the last output. Raises ``RuntimeError('unavailable: ...')`` for a cache that cannot be cropped."""
+    params = inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.x renamed it
+    if phase == "prefill":
+        ids = prompts[n] if n in prompts else prompts[max(prompts)][:, :n]
+        state: dict[str, Any] = {}
+        return (lambda: state.__setitem__("out", run(input_ids=ids, use_cache=False, **keep))), (lambda: None), state
+    ids = prompts[n + 1]
+    state = {"cache": getattr(run(input_ids=ids[:, :-1], use_cache=True, **keep), cache_kw, None)}
+    if not hasattr(state["cache"], "crop"):
+        raise RuntimeError("unavailable: the model's KV cache cannot be cropped between steps")
+    step = lambda: state.__setitem__(  # noqa: E731
+        "out", run(input_ids=ids[:, -1:], use_cache=True, **{cache_kw: state["cache"]}, **keep))
+    return step, (lambda: _crop(state["cache"], n)), state
 
 
 @torch.inference_mode()
@@ -317,13 +300,8 @@ def measure_speed(model: nn.Module, tokenizer_or_vocab_size: Union[int, Any, Non
     elif tokenizer_or_vocab_size is not None:
         vocab = min(vocab, len(tokenizer_or_vocab_size))
     max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    gen = torch.Generator().manual_seed(seed)
-    lengths = sorted({int(n) for n in prefill_lengths} | {decode_context + 1})
-    prompts = {n: torch.randint(0, vocab, (batch_size, n), generator=gen).to(device) for n in lengths}
-    # generate() computes only the last position's logits in prefill: do the same where the model allows
-    params = inspect.signature(model.forward).parameters
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.x renamed it
+    prompts = seeded_prompts(vocab, [int(n) for n in prefill_lengths] + [decode_context + 1], batch_size, seed, device)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     sparse = _sparse_linears(model)
     zeros = sum(int((m.weight == 0).sum()) for m in sparse.values())
     all_lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -358,20 +336,7 @@ def measure_speed(model: nn.Module, tokenizer_or_vocab_size: Union[int, Any, Non
                     result["rows"].append(row)
                     continue
                 try:
-                    if phase == "prefill":
-                        ids = prompts[n] if n in prompts else prompts[max(prompts)][:, :n]
-                        state: dict[str, Any] = {}
-                        step = lambda: state.__setitem__("out", run(input_ids=ids, use_cache=False, **keep))  # noqa: E731
-                        reset: Callable[[], None] = lambda: None  # noqa: E731
-                    else:
-                        ids = prompts[decode_context + 1]
-                        first = run(input_ids=ids[:, :-1], use_cache=True, **keep)
-                        state = {"cache": getattr(first, cache_kw, None)}
-                        if not hasattr(state["cache"], "crop"):
-                            raise RuntimeError("unavailable: the model's KV cache cannot be cropped between steps")
-                        step = lambda: state.__setitem__(  # noqa: E731
-                            "out", run(input_ids=ids[:, -1:], use_cache=True, **{cache_kw: state["cache"]}, **keep))
-                        reset = lambda: _crop(state["cache"], decode_context)  # noqa: E731
+                    step, reset, state = phase_step(run, model, phase, n, prompts)
                     with PeakMemory(device) as memory:
                         times = _time(step, reset, repeats, warmup, device)
                     result["protocol"]["memory"] = f"{KIND_DESCRIPTIONS[memory.kind]}, increase over the phase"
@@ -439,7 +404,7 @@ def linear_timings(model: nn.Module, *, tokens: int = 512, backends: Sequence[st
                     module = SparseLinear(lin)
                     wbytes, flops = tensor_bytes(module.weight), linear_flops(tokens, in_f, out_f, module.density)
                 elif backend.startswith("semi_structured"):
-                    module = _semi_structured_linear(names[0], lin)
+                    module = semi_structured_linear(names[0], lin)
                     wbytes, flops = tensor_bytes(module.weight), linear_flops(tokens, in_f, out_f, 0.5)
                 else:
                     raise ValueError(f"unknown backend {backend!r}")

@@ -131,6 +131,21 @@ def test_saving_into_an_empty_or_our_own_folder_replaces_it(pruner, tmp_path):
     assert (folder / "my_eval.txt").read_text() == "added by hand"
 
 
+def test_exported_files_are_readable_as_plainly_written_files_are(tmp_path):
+    """Temp files and folders are private (0600 / 0700): an export takes the modes the umask gives a plain
+    file, so a server running as another user can read it."""
+    from dpruner_lightning.export import DIR_MODE, FILE_MODE, atomic_write_json
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (FILE_MODE, DIR_MODE) == (0o666 & ~umask, 0o777 & ~umask)  # the process's umask, as open() applies it
+    assert FILE_MODE & 0o044  # group / others can read (the usual 022 umask)
+    folder = export_hf_folder(tiny_model("llama"), None, tmp_path / "hf")
+    assert folder.stat().st_mode & 0o777 == DIR_MODE
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {p.name: FILE_MODE for p in folder.iterdir()}
+    assert atomic_write_json(tmp_path / "a.json", {}).stat().st_mode & 0o777 == FILE_MODE
+
+
 def test_a_failure_mid_write_keeps_the_earlier_export(pruner, tmp_path, monkeypatch):
     folder = tmp_path / "pruned"
     pruner.save_pruned_model(str(folder))

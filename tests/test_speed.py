@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from dpruner_lightning.speed import SparseLinear, linear_flops, linear_timings, measure_speed, to_semi_structured
+from dpruner_lightning.export import to_semi_structured
+from dpruner_lightning.speed import SparseLinear, linear_flops, linear_timings, measure_speed
 from dpruner_lightning.speed_report import format_speed_report, run_speed
 
 from .conftest import TINY, tiny_model
@@ -58,8 +59,12 @@ def test_measure_speed_dense_and_csr() -> None:
 
 
 def test_to_semi_structured_raises_on_cpu() -> None:
+    """The export entry point (also importable from speed, where it lived) refuses a CPU model, naming the need."""
+    from dpruner_lightning import speed
+
+    assert speed.to_semi_structured is to_semi_structured
     model = _half_zero(tiny_model("llama", dtype=torch.float16))
-    with pytest.raises(RuntimeError, match=r"model\.layers\.0\..*CUDA"):
+    with pytest.raises(RuntimeError, match=r"CUDA GPU of compute capability >= 8\.0"):
         to_semi_structured(model)
 
 
@@ -92,3 +97,30 @@ def test_run_speed_writes_json(tmp_path, capsys) -> None:
     assert data["comparison"][0]["speed_vs_reference"] > 0
     assert result["hardware"]["torch"] == torch.__version__
     assert "| backend | phase |" in capsys.readouterr().out
+
+
+def test_run_speed_measures_several_models_against_one_reference(capsys) -> None:
+    result = run_speed(["--model", "random:llama", "random:llama", "--compare", "random:llama", "--backends", "dense",
+                        "--config-overrides", json.dumps(TINY["llama"]), "--prefill", "16", "--decode-context", "8",
+                        "--repeats", "2", "--warmup", "0", "--linear-tokens", "0"])
+    assert [r["label"] for r in result["runs"]] == ["reference random:llama", "random:llama", "random:llama"]
+    assert len(result["comparison"]) == 4  # 2 models x (prefill 16, decode)
+    assert all(c["model"] == "random:llama" and c["speed_vs_reference"] > 0 for c in result["comparison"])
+    assert "| model | backend | phase |" in capsys.readouterr().out
+
+
+def test_interleaved_timings_give_per_repeat_ratios(capsys) -> None:
+    args = ["--model", "random:llama", "random:llama", "--compare", "random:llama", "--backends", "dense",
+            "--config-overrides", json.dumps(TINY["llama"]), "--prefill", "16", "--decode-context", "8",
+            "--repeats", "3", "--warmup", "0", "--interleave"]
+    result = run_speed(args)
+    rows = {(r["model"], r["phase"]): r for r in result["rows"]}
+    assert set(rows) == {(m, p) for m in ("reference random:llama", "random:llama", "random:llama (3)")
+                         for p in ("prefill", "decode")}
+    for (model, _), r in rows.items():
+        if model.startswith("reference"):  # reference[r] / reference[r]: exactly 1 in every repeat
+            assert r["speed_vs_reference"] == r["ratio_min"] == r["ratio_max"] == 1.0
+        assert r["ratio_min"] <= r["speed_vs_reference"] <= r["ratio_max"] and r["median_s"] > 0
+    assert "| model | phase | tokens | median ms |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--backends dense"):
+        run_speed([a for a in args if a not in ("--backends", "dense")])
