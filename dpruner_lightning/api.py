@@ -35,6 +35,7 @@ from .methods.dpruner import DPrunerMethod
 from .module import DPrunerModule
 from .pruning import save_artifacts
 from .quiet import quiet
+from .reprune import PruneSnapshot, prune_again
 
 #: Per-domain defaults of (lambda_reg, alpha), as published with the original D-PRUNER README.
 DOMAIN_PRESETS = {"healthcare": (0.1, 3e-4), "legal": (0.001, 3e-4), "finance": (0.05, 2e-4), "custom": (0.05, 2e-4)}
@@ -183,7 +184,8 @@ class DPruner:
                                     output=OutputSpec(export_model=False))
         self.output_dir = Path(output_dir)
         self.trainer: Optional[L.Trainer] = None
-        self._unpruned: dict[str, torch.Tensor] = {}  # target weights before step 3 (CPU), to prune again
+        #: Weights and method state before the first step 3, to prune again (:mod:`~dpruner_lightning.reprune`).
+        self._snapshot: Optional[PruneSnapshot] = None
 
     def _new_trainer(self, name: str) -> L.Trainer:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -202,8 +204,22 @@ class DPruner:
         return CalibrationDataModule(general=src(general), domain=src(domain), eval_domain=src(eval_domain),
                                      hold_out=False, **options)
 
+    def _unprune(self) -> None:
+        """A pass after step 3 starts from the weights as loaded (the dual pass's W0), not the pruned ones;
+        a later step 3 snapshots anew."""
+        if self._snapshot is None:
+            return
+        self._snapshot.restore(self.module)
+        self._snapshot = None
+        original = getattr(self.module.method, "original", None)  # W0, kept since the dual pass
+        if original:
+            with torch.no_grad():
+                for name, t in self.module.targets.items():
+                    t.weight_view().copy_(original[name])
+
     def step1_compute_general_importance(self, open_domain_texts: list[str], batch_size: Optional[int] = None) -> dict[str, torch.Tensor]:
         """General importance G on open-domain texts (normalised to mean 1); returns it per target."""
+        self._unprune()
         self.module.select_passes(["general"], apply_masks=False)
         data = self._data(general=open_domain_texts, batch_size=batch_size)
         with quiet():
@@ -214,6 +230,7 @@ class DPruner:
         """Dual importance S on domain texts under the G-regularised loss; returns it per target."""
         if not self.module.method.general:
             raise RuntimeError("run step1_compute_general_importance first: the dual pass is regularised by G")
+        self._unprune()
         self.module.select_passes(["dual"], apply_masks=False)
         data = self._data(domain=domain_texts, batch_size=batch_size)
         with quiet():
@@ -227,14 +244,9 @@ class DPruner:
             raise RuntimeError("run step2_compute_dual_importance first: masks come from the dual importance")
         if sparsity_ratio is not None:
             self.config = dataclasses.replace(self.config, sparsity_ratio=sparsity_ratio)
-        targets = self.module.targets
-        with torch.no_grad():
-            if self._unpruned:
-                for name, t in targets.items():
-                    t.weight.copy_(self._unpruned[name])
-            else:
-                self._unpruned = {name: t.weight.detach().cpu().clone() for name, t in targets.items()}
-        result = self.module.apply_pruning(self.config.mask_spec())
+        if self._snapshot is None:
+            self._snapshot = PruneSnapshot.take(self.module)
+        result = prune_again(self.module, self.config.mask_spec(), self._snapshot)
         folder = run_dir(self.trainer)  # the dual pass's run folder
         self.module.artifacts.update(save_artifacts(folder, result, self.module.model, self.module.tokenizer,
                                                     self.module.method, self.module.output,

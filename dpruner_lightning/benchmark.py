@@ -10,7 +10,9 @@
 
 Texts are lists of strings. ``test_texts`` are the domain evaluation set; the general evaluation set is
 held out (by document) of ``open_domain_texts``. The rows are built as objects (specs, method, module,
-trainer), exactly as the YAML route instantiates them; nothing is written but the results.
+trainer), exactly as the YAML route instantiates them; nothing is written but the results. As there,
+the rows of a sweep that differ only in sparsity compute their importance once (one fit) and prune
+each level from it; progress: a log line per row and, on a terminal, Lightning's bar.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from typing import Any, Optional, Sequence
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .comparison import NO_EPOCH_VALIDATION, RowRun, generate_comparison_report, row_key, run_rows
-from .comparison_rows import Row, compare_rows, row_folder, row_method, sweep_rows
+from .comparison import NO_EPOCH_VALIDATION, RowRun, generate_comparison_report, progress_bars, run_rows
+from .comparison_rows import Row, compare_rows, row_folder, row_key, row_method, sweep_rows
 from .config import MaskSpec, ModelSpec, OutputSpec
 from .data import CalibrationDataModule
 from .module import DPrunerModule
@@ -95,12 +97,16 @@ def build_rows(options: SuiteOptions, rows: Sequence[Row], texts: tuple, output_
         output = OutputSpec(save_importance=False, save_masks=False, export_model=False, overwrite=True)
         module = DPrunerModule(model=options.model, method=method, mask=mask, output=output)
         trainer = L.Trainer(**options.trainer, enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1,
-                            enable_progress_bar=False, enable_model_summary=False,
+                            enable_progress_bar=progress_bars(), enable_model_summary=False,
                             check_val_every_n_epoch=NO_EPOCH_VALIDATION,
                             logger=TensorBoardLogger(str(output_dir), name=row_folder(row), version=""))
         config = {**shared, "row": row.label, "method": repr(method) if row.method else "dense",
                   "mask": dataclasses.asdict(mask)}
-        runs.append(RowRun(module, trainer, row_key(config)))
+        # Rows equal but for the sparsity share their calibration passes (see comparison.run_rows).
+        # (the repr leaves some arguments out, e.g. D-PRUNER's max_grad_norm: the init arguments decide)
+        passes = {**config, "row": None, "method": [row.method, config["method"]],
+                  "mask": {k: v for k, v in config["mask"].items() if k != "sparsity"}}
+        runs.append(RowRun(module, trainer, row_key(config), row_key(passes) if row.method else None))
     return runs, datamodule
 
 

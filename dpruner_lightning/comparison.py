@@ -27,10 +27,22 @@ dense perplexity is the ``dense`` row's), then scores the row's model on each ``
 (presets and keys: :mod:`tasks`; columns ``task_<name>`` and ``tasks``), and the table lands in
 ``<output_dir>/comparison.{md,json}`` (``sweep.{md,json}``) and in TensorBoard as text. Columns and formulas: :mod:`comparison_report`.
 
+Shared passes: rows whose resolved configs differ only in ``model.mask.sparsity`` (a sweep's levels of
+one method with the same hyperparameters, data and model) run their calibration passes once. The
+first of them runs ``fit`` as usual; the others restore the weights and method state from just before
+that fit's masks and prune at their own sparsity (:mod:`reprune`: the same masks and weights as a
+separate run), then validate in their own log directory. Their ``seconds_*`` leave the shared passes
+out; ``passes_from`` names the row that ran them and ``seconds_passes_shared`` says how long they took
+(the table notes it too). Rows of a group run one after the other (one fitted model held at a time);
+the table keeps the planned order. Several processes: every row runs its own passes.
+
 Restarts: every row is keyed by a hash of its resolved config (and the tasks). A restart into the same
 ``output_dir`` keeps the rows already finished there (they are not run again), re-runs failed or
 missing ones, and refuses a row whose name was run with another config; while rows are missing, the
-table's title says "k of N rows".
+table's title says "k of N rows". A group whose first row is kept runs its passes again for the rest.
+
+Progress: a log line per row (``row 3/12: <label>``) and, on a terminal, Lightning's progress bar per
+row (``trainer.enable_progress_bar`` defaults to whether stderr is a terminal).
 
 The Python API on the same functions, :class:`~dpruner_lightning.benchmark.BenchmarkSuite` and
 :class:`~dpruner_lightning.benchmark.ExperimentRunner`, lives in :mod:`benchmark`.
@@ -40,9 +52,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
 import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -52,20 +63,30 @@ from typing import Any, Optional, Sequence
 import lightning as L
 import yaml
 
-from .algorithms.masks import realised_sparsity
-from .comparison_report import compression_ratio, generate_comparison_report, write_results
+from .callbacks import run_dir, tensorboard
+from .comparison_figures import PackedMasks, pack_masks, packed_masks_of_saved_rows
+from .comparison_report import generate_comparison_report, row_metrics, write_results
 from .comparison_rows import (
     DENSE,
     Row,
     _model_section,
     compare_rows,
+    execution_order,
+    finished_rows,
+    in_table_order,
+    pass_group_config,
     row_folder,
+    row_key,
     row_method,  # noqa: F401  (re-exported: the row planning used to live here)
     sweep_rows,
 )
 from .data import CalibrationDataModule
 from .lightning_cli import DPrunerCLI
 from .memory import release_memory
+from .pruning import save_artifacts
+from .reprune import PruneSnapshot, SnapshotBeforePruning, prune_again
+from .run_figures import importance_before, log_pruning
+from .rundir import claim_run_dir, release_lock
 from .tasks import TaskSpec, build_task, calibration_texts, evaluate_task, parse_task_specs
 
 log = logging.getLogger(__name__)
@@ -120,6 +141,12 @@ def validate_config(path: str | Path) -> dict[str, list[Row]]:
 NO_EPOCH_VALIDATION = 10**9
 
 
+def progress_bars() -> bool:
+    """Whether rows show Lightning's progress bar by default: on a terminal only (what tqdm's
+    ``disable=None`` decides), so logs and CI output get one line per row instead."""
+    return sys.stderr.isatty()
+
+
 def row_config(base: dict, row: Row, output_dir: Path, save_artifacts: bool) -> dict:
     """The fit config of one row: its method and mask, and its own TensorBoard log directory."""
     config = copy.deepcopy(base)
@@ -138,44 +165,11 @@ def row_config(base: dict, row: Row, output_dir: Path, save_artifacts: bool) -> 
                          "init_args": {"save_dir": str(output_dir), "name": row_folder(row), "version": ""}}
     trainer["check_val_every_n_epoch"] = NO_EPOCH_VALIDATION
     trainer.setdefault("enable_model_summary", False)  # one summary per row said nothing the table does not
+    trainer.setdefault("enable_progress_bar", progress_bars())
     return config
 
 
 # -- running ---------------------------------------------------------------------------------------
-def _row_metrics(row: Row, module, trainer, seconds: float) -> dict:
-    result = module.result
-    if result is None:  # dense: measure, do not assume, the zeros it already has
-        weights = {n: t.weight_view() for n, t in module.targets.items()}
-        report = realised_sparsity(module.model, weights)
-        realised = {"targets": report["targets"], "all_parameters": report["all_parameters"]}
-        params = {"targets": report["target_parameters"], "all": report["all_parameter_count"]}
-    else:
-        realised, params = result.sparsity_realised, result.parameters
-    ppl = module.perplexities.get(module.stage, {})
-    phases = {k: round(v, 3) for k, v in module.phase_seconds.items()}
-    peak = max(module.peak_memory.values(), default=0)
-    return {
-        "method_repr": repr(module.method) if row.method else DENSE,
-        "granularity": result.granularity if result else None,
-        "sparsity_target": result.sparsity_target if result else 0.0,
-        "sparsity_targets": realised["targets"],
-        "sparsity_all": realised["all_parameters"],
-        "ppl_domain": ppl.get("domain"),
-        "ppl_general": ppl.get("general"),
-        "seconds_total": round(seconds, 3),
-        "seconds_prune": round(sum(module.phase_seconds.values()), 3),
-        "seconds_phases": phases,
-        "peak_memory_bytes": peak,
-        "peak_memory_by_phase": dict(module.peak_memory),
-        "peak_memory_mib": peak / 2**20,
-        "peak_memory_kind": module.peak_memory_kind,
-        "compression_ratio": compression_ratio(module),
-        "parameters": params,
-        "structured": result.structured if result else None,
-        "log_dir": trainer.log_dir,
-    }
-
-
 def build_tasks(specs: Sequence[TaskSpec], datamodule: CalibrationDataModule) -> list[tuple[TaskSpec, Any]]:
     """Every task of ``compare.tasks`` with its records loaded, once for all rows; a title task leaves
     out the documents of the datamodule's calibration sources."""
@@ -204,29 +198,81 @@ class RowRun:
     module: Any
     trainer: L.Trainer
     key: str
+    group: Optional[str] = None
+    """Rows with the same group share their calibration passes (None: the row runs its own)."""
+
+
+@dataclass
+class SharedPasses:
+    """A fitted row whose calibration passes the next rows of its group reuse."""
+
+    module: Any
+    snapshot: PruneSnapshot
+    label: str
+    seconds: float
+    """The passes' seconds (the first row's phases but its masks)."""
+
+
+def _seed(seed: Optional[int]) -> None:
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        L.seed_everything(seed, verbose=False)
 
 
 def run_row(row: Row, run: RowRun, datamodule: CalibrationDataModule, seed: Optional[int],
-            tasks: Sequence[tuple[TaskSpec, Any]] = ()) -> dict:
+            tasks: Sequence[tuple[TaskSpec, Any]] = (), snapshot: Optional[SnapshotBeforePruning] = None) -> dict:
     """``fit`` (not for the dense row) then ``validate`` one row, then its tasks; failures become an
-    ``error`` field (the metrics measured before the failure stay)."""
+    ``error`` field (the metrics measured before the failure stay). ``snapshot``: a callback that keeps
+    the state before the masks, for the rows that reuse this fit."""
     module, trainer = run.module, run.trainer
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        L.seed_everything(seed, verbose=False)
+    _seed(seed)
     result: dict = {"method": row.label, **row.info}
-    log.info("=== %s ===", row.label)
     try:
         t0 = time.perf_counter()
         if row.method is not None:
             module.configure_trainer(trainer)
+            if snapshot is not None:
+                trainer.callbacks.append(snapshot)
             trainer.fit(module, datamodule=datamodule)
         trainer.validate(module, datamodule=datamodule, verbose=False)
         seconds = time.perf_counter() - t0
-        result.update(_row_metrics(row, module, trainer, seconds))
+        result.update(row_metrics(row, module, trainer, seconds))
         result.update(_task_metrics(module, tasks))
     except Exception as err:  # one broken method must not lose the other rows of a long comparison
         log.exception("row %r failed", row.label)
         result["error"] = f"{type(err).__name__}: {err}"
+    return result
+
+
+def run_row_again(row: Row, run: RowRun, shared: SharedPasses, datamodule: CalibrationDataModule, seed: Optional[int],
+                  tasks: Sequence[tuple[TaskSpec, Any]] = ()) -> dict:
+    """A row that differs from the fitted row ``shared.label`` only in sparsity: masks at this row's mask
+    spec from that fit's passes (:func:`~dpruner_lightning.reprune.prune_again`), written to this row's
+    own log directory, then ``validate`` and the tasks; failures become an ``error`` field."""
+    module, trainer = shared.module, run.trainer
+    _seed(seed)
+    result: dict = {"method": row.label, **row.info}
+    folder = None
+    try:
+        t0 = time.perf_counter()
+        module.perplexities, module.phase_seconds, module.peak_memory, module.artifacts = {}, {}, {}, {}
+        folder = run_dir(trainer)
+        claim_run_dir(folder, module.output.overwrite)  # before writing: clears an earlier attempt's files first
+        writer = tensorboard(trainer)
+        totals: dict = {}  # the importance before the masks, for the kept-importance figure
+        pruned = prune_again(module, run.module.mask_spec, shared.snapshot,
+                             on_restored=lambda m: totals.update(before=importance_before(m.method)) if writer is not None else None)
+        if writer is not None:
+            log_pruning(writer, pruned, module.method, totals.get("before"))
+        module.artifacts.update(save_artifacts(folder, pruned, module.model, module.tokenizer, module.method, module.output))
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        result.update(row_metrics(row, module, trainer, time.perf_counter() - t0))
+        result.update(passes_from=shared.label, seconds_passes_shared=round(shared.seconds, 3))
+        result.update(_task_metrics(module, tasks))
+    except Exception as err:  # as run_row: one broken row must not lose the others
+        log.exception("row %r failed", row.label)
+        result["error"] = f"{type(err).__name__}: {err}"
+        if folder is not None:
+            release_lock(folder)
     return result
 
 
@@ -236,14 +282,16 @@ def cli_rows(base: dict, rows: Sequence[Row], output_dir: Path, save_artifacts: 
     datamodule they share and the seed."""
     configs = [row_config(base, r, output_dir, save_artifacts) for r in rows]
     clis = [instantiate(c, f"row {r.label!r}") for c, r in zip(configs, rows)]
-    runs = [RowRun(cli.model, cli.trainer, row_key(c, tasks)) for cli, c in zip(clis, configs)]
+    runs = [RowRun(cli.model, cli.trainer, row_key(c, tasks), row_key(pass_group_config(c)) if r.method is not None else None)
+            for cli, c, r in zip(clis, configs, rows)]
     return runs, clis[0].datamodule, clis[0].config.get("seed_everything")
 
 
 def run_rows(rows: Sequence[Row], runs: list[RowRun], datamodule: CalibrationDataModule, seed: Optional[int],
              output_dir: str | Path, stem: str, meta: dict, tasks: Sequence[TaskSpec] = ()) -> list[dict]:
-    """Load every task, then run the rows one by one on the one shared datamodule (tokenised once);
-    rows finished in an earlier run into ``output_dir`` are kept, not run again. Writes the results."""
+    """Load every task, then run the rows on the one shared datamodule (tokenised once); rows finished in
+    an earlier run into ``output_dir`` are kept, not run again; rows of one pass group share one fit
+    (module docstring). Writes the results, in the planned order, after every row."""
     output_dir = Path(output_dir)
     results, done = finished_rows(output_dir / f"{stem}.json", rows, [r.key for r in runs])
     built = build_tasks(tasks, datamodule) if len(done) < len(rows) else []
@@ -252,49 +300,49 @@ def run_rows(rows: Sequence[Row], runs: list[RowRun], datamodule: CalibrationDat
         meta["tasks"] = {spec.name: {"preset": spec.preset, "n": len(task.records), "max_length": spec.max_length,
                                      "source": spec.source.describe() if spec.source else "built-in"}
                          for spec, task in built}
-    for i, row in enumerate(rows):
-        run, runs[i] = runs[i], None
+    for row in rows:
         if row.label in done:
             log.info("row %r finished in an earlier run of %s: kept", row.label, output_dir)
-            continue
-        results = [r for r in results if r.get("method") != row.label]  # an earlier failed attempt
-        results.append({**run_row(row, run, datamodule, seed, built), "config_key": run.key})
-        write_results(output_dir, stem, results, meta, tensorboard=False)  # partial results survive a crash
-        # Free this row's model and method state before the next row loads its own: the shared
-        # datamodule still points at this row's trainer (and so at its module).
-        datamodule.trainer = None
-        del run
-        release_memory()
-    markdown = write_results(output_dir, stem, results, meta, tensorboard=True)
+    todo = [i for i, row in enumerate(rows) if row.label not in done]
+    # Every row's masks, 1 bit per weight (sampled rows past 2**24 weights), for the overlap figure; rows
+    # kept from an earlier run bring theirs only if they saved them (save_artifacts).
+    masks: dict[str, PackedMasks] = packed_masks_of_saved_rows(results, done)
+    groups = [run.group if run.trainer.world_size == 1 else None for run in runs]  # DDP: every row fits
+    count = 0
+    for batch in execution_order(groups, todo):
+        shared: Optional[SharedPasses] = None
+        for position, i in enumerate(batch):
+            row, run, runs[i] = rows[i], runs[i], None
+            count += 1
+            log.info("row %d/%d: %s%s", count, len(todo), row.label, f" (passes of {shared.label!r})" if shared else "")
+            results = [r for r in results if r.get("method") != row.label]  # an earlier failed attempt
+            if shared is None:
+                catcher = SnapshotBeforePruning() if position < len(batch) - 1 else None
+                result = run_row(row, run, datamodule, seed, built, catcher)
+                if catcher is not None and catcher.snapshot is not None:
+                    passes = sum(v for k, v in run.module.phase_seconds.items() if k != "mask")
+                    shared = SharedPasses(run.module, catcher.snapshot, row.label, passes)
+                    catcher.snapshot = None  # the group holds it now, and frees it when its last row is done
+            else:
+                result = run_row_again(row, run, shared, datamodule, seed, built)
+            results.append({**result, "config_key": run.key})
+            pruned_by = shared.module if result.get("passes_from") else run.module
+            if not result.get("error") and pruned_by.result is not None and pruned_by.result.masks:
+                masks[row.label] = pack_masks(pruned_by.result.masks)
+            write_results(output_dir, stem, in_table_order(results, rows), meta, tensorboard=False)  # survives a crash
+            # The shared datamodule still points at this row's trainer (and so at its module).
+            datamodule.trainer = None
+            del run
+            if shared is None:  # free this row's model and method state before the next row loads its own
+                release_memory()
+        if shared is not None:
+            shared.module.method.release()
+            shared = None
+            release_memory()
+    results = in_table_order(results, rows)
+    markdown = write_results(output_dir, stem, results, meta, tensorboard=True, masks=masks)
     log.info("results in %s:\n%s", output_dir, markdown)
     return results
-
-
-def row_key(config: dict, tasks: Sequence[TaskSpec] = ()) -> str:
-    """A hash of a row's resolved config and the tasks it is scored on (restarts match rows by it)."""
-    text = json.dumps({"config": config, "tasks": [repr(t) for t in tasks]}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def finished_rows(path: Path, rows: Sequence[Row], keys: Sequence[str]) -> tuple[list[dict], set[str]]:
-    """``(rows already in the results file at path, labels of those finished with the same config)``.
-    A row of the same name run with another config is an error: its results would be replaced."""
-    try:
-        previous = json.loads(path.read_text()).get("rows", [])
-    except FileNotFoundError:
-        return [], set()
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} exists but cannot be read ({err}): move it away to start afresh") from err
-    planned = {r.label: k for r, k in zip(rows, keys)}
-    done = set()
-    for old in previous:
-        label, key = old.get("method"), old.get("config_key")
-        if label in planned and key != planned[label]:
-            raise FileExistsError(f"{path} holds a row {label!r} run with another config: give this run another "
-                                  "output_dir (or move the old results away) rather than mixing them")
-        if label in planned and not old.get("error"):
-            done.add(label)
-    return list(previous), done
 
 
 def apply_overrides(base: dict, overrides: Sequence[str]) -> dict:

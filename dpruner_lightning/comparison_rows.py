@@ -4,18 +4,24 @@
 ``model.mask`` overrides, extra columns), checking its keys, its method entries (:func:`method_entry`:
 a registered name, ``dense``, or ``{name, class_path?, init_args?, mask?}``) and that the labels are
 unique; :func:`row_folder` and :func:`row_method` give a row's log directory name and method object.
+:func:`row_key` keys a row's resolved config (restarts keep :func:`finished_rows` with the same key),
+:func:`pass_group_config` / :func:`execution_order` say which rows share their calibration passes.
 Instantiating and running the rows: :mod:`comparison`.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib
+import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from .algorithms.masks import parse_granularity
+from .evaluation import upgrade_metrics
 from .methods import METHODS, DPrunerMethod, method_class
 
 DENSE = "dense"
@@ -137,6 +143,34 @@ def sweep_rows(section: dict, base: dict) -> list[Row]:
     return _unique(rows)
 
 
+def pass_group_config(config: dict) -> dict:
+    """A row's resolved fit config without what only the masks read (``model.mask.sparsity``) and without
+    its log directory: rows with equal ones share their calibration passes (one fit, see :mod:`reprune`)."""
+    config = copy.deepcopy(config)
+    mask = _model_section(config).get("mask")
+    if isinstance(mask, dict):
+        mask.pop("sparsity", None)
+    (config.get("trainer") or {}).pop("logger", None)
+    return config
+
+
+def execution_order(groups: list[Optional[str]], todo: list[int]) -> list[list[int]]:
+    """The row indices ``todo`` (in table order) as runs of rows sharing their passes: a row whose group is
+    None runs alone; every other row joins the first earlier row of its group. Runs are ordered by
+    their first row, so one fitted model at a time is kept for re-pruning."""
+    runs: list[list[int]] = []
+    by_group: dict[str, list[int]] = {}
+    for i in todo:
+        key = groups[i]
+        if key is not None and key in by_group:
+            by_group[key].append(i)
+            continue
+        runs.append([i])
+        if key is not None:
+            by_group[key] = runs[-1]
+    return runs
+
+
 def row_folder(row: Row) -> str:
     """The row's log directory name under the output directory."""
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", row.label)
@@ -150,3 +184,39 @@ def row_method(row: Row):
         return cls(**entry.get("init_args", {}))
     except TypeError as err:
         raise ValueError(f"row {row.label!r}: {err}") from err
+
+
+def in_table_order(results: list[dict], rows: Sequence[Row]) -> list[dict]:
+    """``results`` in the order of the planned ``rows`` (rows of an earlier run that are not planned last)."""
+    index = {r.label: i for i, r in enumerate(rows)}
+    return sorted(results, key=lambda r: index.get(r.get("method"), len(index)))
+
+
+def row_key(config: dict, tasks: Sequence[Any] = ()) -> str:
+    """A hash of a row's resolved config and the tasks it is scored on (restarts match rows by it)."""
+    text = json.dumps({"config": config, "tasks": [repr(t) for t in tasks]}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def finished_rows(path: Path, rows: Sequence[Row], keys: Sequence[str]) -> tuple[list[dict], set[str]]:
+    """``(rows already in the results file at path, labels of those finished with the same config)``.
+    A row of the same name run with another config is an error: its results would be replaced."""
+    try:
+        previous = json.loads(path.read_text()).get("rows", [])
+    except FileNotFoundError:
+        return [], set()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} exists but cannot be read ({err}): move it away to start afresh") from err
+    # rows saved before accuracy_norm was renamed accuracy_per_token: the same numbers under the new names
+    previous = [{**r, "tasks": {n: upgrade_metrics(m, str(path)) for n, m in r["tasks"].items()}}
+                if isinstance(r.get("tasks"), dict) else r for r in previous]
+    planned = {r.label: k for r, k in zip(rows, keys)}
+    done = set()
+    for old in previous:
+        label, key = old.get("method"), old.get("config_key")
+        if label in planned and key != planned[label]:
+            raise FileExistsError(f"{path} holds a row {label!r} run with another config: give this run another "
+                                  "output_dir (or move the old results away) rather than mixing them")
+        if label in planned and not old.get("error"):
+            done.add(label)
+    return list(previous), done

@@ -8,16 +8,24 @@ A ``template`` turns records into text (``"{question} The correct answer is {ans
 :func:`load_documents` reads a source's non-empty documents, :func:`load_records` the raw records of a
 record file or hub dataset (task evaluation), and :func:`split_by_document` makes the seeded
 calibration / held-out split of documents. Tokenising and packing: :mod:`data`.
+
+Hub datasets without a hub: the hub is tried once per process (:func:`hub_reachable`: one HEAD request
+to its endpoint, :data:`HUB_PROBE_TIMEOUT` seconds, no retries). When it does not answer, or
+``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` is set, ``datasets`` runs in offline mode for the load (a
+dataset in the local HF cache still loads; anything else fails at once instead of after ~24 s of
+retries), and a source with a ``fallback_sample`` switches to it with one warning.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .corpora import checked_texts, decode_file, jsonl_records
 
@@ -113,14 +121,70 @@ def _file_records(path: Path, source: Optional[TextSource] = None, where: str = 
     return list(datasets.load_dataset(kind, data_files=str(path), split="train", **extra))
 
 
+#: Seconds the one reachability check of the hub may take (see :func:`hub_reachable`).
+HUB_PROBE_TIMEOUT = 3.0
+_TRUE = {"1", "true", "yes", "on"}
+_hub_state: dict[str, Optional[bool | str]] = {"reachable": None, "why": None}  # probed once per process
+
+
+def _offline_env() -> Optional[str]:
+    """The variable that puts the hub libraries in offline mode, if one is set."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return var
+    return None
+
+
+def hub_reachable() -> tuple[bool, str]:
+    """``(reachable, why not)``: False at once when ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` is set,
+    else one HEAD request to the hub's endpoint (``HF_ENDPOINT``, proxies as the hub library uses them)
+    within :data:`HUB_PROBE_TIMEOUT` seconds, without retries; the answer is kept for the process."""
+    var = _offline_env()
+    if var:
+        return False, f"{var} is set"
+    if _hub_state["reachable"] is None:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        try:
+            get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
+            _hub_state.update(reachable=True, why="")
+        except Exception as err:  # any failure to get an answer: DNS, refused, timeout, proxy
+            why = f"no answer from {constants.ENDPOINT} ({type(err).__name__}: {err})"
+            _hub_state.update(reachable=False, why=why)
+            log.info("the dataset hub is not reachable: %s; hub datasets are read from the local cache only", why)
+    return bool(_hub_state["reachable"]), str(_hub_state["why"])
+
+
+@contextlib.contextmanager
+def _offline_mode(on: bool) -> Iterator[None]:
+    """``datasets`` / ``huggingface_hub`` in offline mode for one load (their flags are read from the
+    environment at import, so they are set here, and restored after)."""
+    if not on:
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
 def _hub_records(source: TextSource) -> list[dict]:
     import datasets
 
+    reachable, why = hub_reachable()
     try:
-        ds = datasets.load_dataset(source.dataset, source.subset, data_files=source.data_files, split=source.split)
+        with _offline_mode(not reachable):
+            ds = datasets.load_dataset(source.dataset, source.subset, data_files=source.data_files, split=source.split)
     except Exception as err:  # datasets raises many types for "not reachable"
+        reason = f"the hub is not reachable ({why}) and it is not in the local HF cache" if not reachable else str(err)
         raise RuntimeError(
-            f"could not load dataset {source.describe()}: {err}\nWithout hub access, pass local files "
+            f"could not load dataset {source.describe()}: {reason}\nWithout hub access, pass local files "
             "(path: ...) or a built-in sample (sample: wikipedia | pubmed | legal)."
         ) from err
     if source.max_documents:

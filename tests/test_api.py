@@ -53,6 +53,7 @@ def test_step_by_step_api_on_tiny_model(tmp_path):
     with pytest.raises(RuntimeError, match="run step1"):
         pruner.step2_compute_dual_importance(paragraphs("domain.txt"))
     general = pruner.step1_compute_general_importance(paragraphs("general.txt")[:8])
+    loaded = {n: t.weight.detach().clone() for n, t in pruner.module.targets.items()}  # a backward pass changes no weight
     mean = sum(float(g.sum()) for g in general.values()) / sum(g.numel() for g in general.values())
     assert mean == pytest.approx(1.0, rel=1e-5)
     dual = pruner.step2_compute_dual_importance(paragraphs("domain.txt")[:8])
@@ -86,6 +87,10 @@ def test_step_by_step_api_on_tiny_model(tmp_path):
     again = pruner.step3_prune_model(0.5)
     assert all(torch.equal(again[n], first[n]) for n in first)
     assert all(torch.equal(t.weight, weights[n]) for n, t in pruner.module.targets.items())
+    # A pass after step 3 starts from the weights as loaded, not the pruned (nor the fine-tuned) ones.
+    pruner.step1_compute_general_importance(paragraphs("general.txt")[:8])
+    assert not pruner.module.pruned
+    assert all(torch.equal(t.weight, loaded[n]) for n, t in pruner.module.targets.items())
 
 
 def test_dpruner_takes_what_is_not_given_from_the_config(tmp_path):

@@ -242,5 +242,23 @@ def test_compare_scores_every_row_on_every_task(tmp_path):
         assert row["tasks"]["pubmedqa"]["n"] == 3 and "accuracy_calibrated" in row["tasks"]["pubmedqa"]
         assert "macro_f1" in row["tasks"]["pubmedqa"] and "rouge2" in row["tasks"]["billsum"]
     header, _, *lines = [line for line in (tmp_path / "out" / "comparison.md").read_text().splitlines() if line.startswith("| ")]
-    assert header.endswith("| pubmedqa acc_cal | billsum ROUGE-L | pubmed_title acc_norm |")
+    assert header.endswith("| pubmedqa acc_cal | billsum ROUGE-L | pubmed_title acc_per_token |")
     assert all(line.count("|") == header.count("|") and " [" in line.split("|")[-2] for line in lines)
+
+
+def test_rows_show_lightning_progress_bars_on_a_terminal_only(monkeypatch):
+    import io
+
+    from dpruner_lightning.comparison import row_config
+    from dpruner_lightning.comparison_rows import method_entry
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    row = method_entry("magnitude")
+    for stream, shown in ((io.StringIO(), False), (Terminal(), True)):
+        monkeypatch.setattr("sys.stderr", stream)
+        assert row_config({}, row, Path("out"), False)["trainer"]["enable_progress_bar"] is shown
+    # A config that says so explicitly wins.
+    assert row_config({"trainer": {"enable_progress_bar": False}}, row, Path("out"), False)["trainer"]["enable_progress_bar"] is False
