@@ -7,6 +7,8 @@
 * ``dpruner sweep --config ...``: one method over several sparsities.
 * ``dpruner speed --model <folder> [--compare <dense folder>]``: latency, tokens/s and memory of a
   (pruned) model with each sparse backend available here (see :mod:`speed`).
+* ``dpruner eval --model <folder> --tasks <names...>``: task scores of a dense or pruned model, our tasks
+  and lm-eval-harness's (``lm_eval:<task>``, extra ``[eval]``; see :mod:`eval_cli`).
 
 ``fit`` and ``validate`` are LightningCLI subcommands (``--print_config`` works); ``compare`` and
 ``sweep`` read the same YAML plus a section of their own.
@@ -41,9 +43,10 @@ commands:
   compare   dense + several methods on the same data (a config with a 'compare:' section)
   sweep     one or more methods over several sparsities (a config with a 'sweep:' section)
   speed     latency, tokens/s and memory of a (pruned) model with each sparse backend available here
+  eval      task scores of a (pruned) model: our tasks and lm-eval-harness's (lm_eval:<task>, extra [eval])
 
 options for every command: --verbose (show the traceback of an error)"""
-COMMANDS = ("fit", "validate", "compare", "sweep", "speed")
+COMMANDS = ("fit", "validate", "compare", "sweep", "speed", "eval")
 
 
 def run(argv: list[str]) -> None:
@@ -63,6 +66,11 @@ def run(argv: list[str]) -> None:
         from .speed_report import run_speed
 
         run_speed(argv[1:])
+        return
+    if argv and argv[0] == "eval":
+        from .eval_cli import run_eval
+
+        run_eval(argv[1:])
         return
     from .lightning_cli import DPrunerCLI
 

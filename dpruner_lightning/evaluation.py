@@ -3,9 +3,18 @@
 For each record, the prompt (a format template over the record) is the context and each choice a
 continuation. A choice's score is the sum of the log-probabilities of its tokens given the context;
 the context and the continuation are tokenised SEPARATELY and the ids concatenated, so the scored tokens
-are exactly the choice's tokens. ``accuracy`` picks the highest raw score, ``accuracy_norm`` the highest
-score per continuation token, ``accuracy_calibrated`` (``task.calibrate``) the highest raw score minus
-the choice's score after a neutral prompt (which removes a model's prior for some answer words).
+are exactly the choice's tokens. Ways of picking the answer (each gives an accuracy):
+
+* ``accuracy``: the highest raw score (lm-eval-harness's ``acc``);
+* ``accuracy_per_token``: the highest score divided by the choice's number of TOKENS (tokenizer
+  dependent; called ``accuracy_norm`` before, renamed because it is not lm-eval's ``acc_norm``);
+* ``accuracy_per_char``: the highest score divided by the choice's number of CHARACTERS, the choice
+  text without the leading ``delimiter`` (lm-eval-harness's ``acc_norm``: its continuation is
+  ``target_delimiter + choice`` and it divides by ``len(choice)``);
+* ``accuracy_calibrated`` (``task.calibrate``): the highest raw score minus the choice's score after a
+  neutral prompt (which removes a model's prior for some answer words).
+
+Results saved under the old names load through :func:`upgrade_metrics` (renamed, with a deprecation log line).
 
 Speed: the context runs ONCE and its key/value cache is repeated for the choices, which then run as
 one right-padded batch of continuation tokens only (:func:`score_choices`). A model whose cache API
@@ -16,7 +25,7 @@ Metrics also include the macro-F1 over the answer classes (choice positions) and
 interval of each accuracy (:func:`bootstrap_ci`).
 
     task = pubmedqa(records)                  # or MultipleChoiceTask(name, records, prompt, choices, label)
-    evaluate_multiple_choice(model, tokenizer, task)   # {"accuracy", "accuracy_norm", "macro_f1", ...}
+    evaluate_multiple_choice(model, tokenizer, task)   # {"accuracy", "accuracy_per_token", "macro_f1", ...}
 """
 
 from __future__ import annotations
@@ -42,6 +51,41 @@ def _format(template: str, record: dict, task: str, what: str) -> str:
         raise ValueError(f"task {task!r}: {what} template field {err} not in the record; fields: {sorted(record)}") from err
 
 
+#: ``normalize`` value -> the accuracy the headline ``score`` reports.
+HEADLINES = {"token": "accuracy_per_token", "char": "accuracy_per_char", "none": "accuracy"}
+
+
+def normalization(value: Union[str, bool], where: str = "normalize") -> str:
+    """``"token"``, ``"char"`` or ``"none"`` from a ``normalize`` setting (booleans of older configs:
+    True = per token, what ``accuracy_norm`` computed; False = none)."""
+    if value is True or value is False:
+        return "token" if value else "none"
+    if value not in HEADLINES:
+        raise ValueError(f"{where}: normalize must be one of {sorted(HEADLINES)} (or true = token, false = none); "
+                         f"got {value!r}")
+    return value
+
+
+#: Metric keys of earlier versions -> their current names (same computation).
+RENAMED_METRICS = {"accuracy_norm": "accuracy_per_token", "accuracy_norm_ci": "accuracy_per_token_ci",
+                   "macro_f1_norm": "macro_f1_per_token"}
+_WARNED_RENAMES: set[str] = set()
+
+
+def upgrade_metrics(metrics: dict, where: str = "saved results") -> dict:
+    """A copy of one task's saved metrics with the keys (and ``score_metric``) of earlier versions renamed:
+    ``accuracy_norm`` was the per-TOKEN accuracy, now ``accuracy_per_token``; nothing is recomputed.
+    Logs a deprecation line once per ``where``."""
+    out = {RENAMED_METRICS.get(k, k): v for k, v in metrics.items()}
+    if isinstance(out.get("score_metric"), str):
+        out["score_metric"] = RENAMED_METRICS.get(out["score_metric"], out["score_metric"])
+    if out != metrics and where not in _WARNED_RENAMES:
+        _WARNED_RENAMES.add(where)
+        log.warning("%s: deprecated metric name 'accuracy_norm' (the per-token accuracy, not lm-eval's per-character "
+                    "acc_norm) read as 'accuracy_per_token'", where)
+    return out
+
+
 @dataclass
 class MultipleChoiceTask:
     name: str
@@ -53,13 +97,28 @@ class MultipleChoiceTask:
     or the name of a record field holding the list of choices (each prefixed with ``delimiter``)."""
     label: str
     """Record field with the answer: an int index (or digit string), or a string equal to one of the choices."""
-    normalize: bool = True
-    """Whether the headline ``score`` is the length-normalised accuracy (``accuracy_norm``)."""
+    normalize: Union[str, bool] = "token"
+    """Headline ``score`` (unless ``calibrate``): ``"token"`` = ``accuracy_per_token``, ``"char"`` =
+    ``accuracy_per_char`` (lm-eval's ``acc_norm``), ``"none"`` = ``accuracy``. The booleans of older
+    configs still work: True = ``"token"`` (what it meant), False = ``"none"``."""
     preprocess: Optional[Callable[[dict], dict]] = None
     delimiter: str = " "
     calibrate: bool = False
     """Also score each choice after ``neutral_prompt`` and report ``accuracy_calibrated`` (then the headline)."""
     neutral_prompt: str = "Answer:"
+
+    def __post_init__(self) -> None:
+        self.normalize = normalization(self.normalize, f"task {self.name!r}")
+
+    @property
+    def headline(self) -> str:
+        """The metric ``score`` reports."""
+        return "accuracy_calibrated" if self.calibrate else HEADLINES[self.normalize]
+
+    def choice_chars(self, continuation: str) -> int:
+        """Characters of a choice without the leading delimiter (lm-eval's ``len(choice)``), at least 1."""
+        text = continuation[len(self.delimiter):] if self.delimiter and continuation.startswith(self.delimiter) else continuation
+        return max(1, len(text))
 
     @classmethod
     def from_source(cls, name: str, source: TextSource, prompt: str, choices: Union[list[str], str], label: str,
@@ -117,13 +176,13 @@ def _pubmedqa_record(record: dict) -> dict:
     return record
 
 
-def pubmedqa(records: list[dict], normalize: bool = True, **kwargs) -> MultipleChoiceTask:
+def pubmedqa(records: list[dict], normalize: Union[str, bool] = "token", **kwargs) -> MultipleChoiceTask:
     """PubMedQA (e.g. ``qiaojin/PubMedQA``, ``pqa_labeled``): yes / no / maybe from question + abstract."""
     return MultipleChoiceTask("pubmedqa", records, "Question: {question}\nContext: {context}\nAnswer:",
                               [" yes", " no", " maybe"], "final_decision", normalize, _pubmedqa_record, **kwargs)
 
 
-def casehold(records: list[dict], normalize: bool = True, **kwargs) -> MultipleChoiceTask:
+def casehold(records: list[dict], normalize: Union[str, bool] = "token", **kwargs) -> MultipleChoiceTask:
     """CaseHOLD (``casehold/casehold``): which of five holdings the citing prompt refers to."""
     return MultipleChoiceTask("casehold", records, "{citing_prompt}", [f" {{holding_{i}}}" for i in range(5)],
                               "label", normalize, **kwargs)
@@ -322,42 +381,45 @@ def _summary(name: str, labels: list[int], predictions: list[int]) -> dict:
 
 def evaluate_multiple_choice(model, tokenizer, task: MultipleChoiceTask, max_length: int = 512, device=None,
                              return_details: bool = False) -> dict:
-    """Accuracy (argmax of raw log-likelihood), ``accuracy_norm`` (per token), ``accuracy_calibrated``
-    (``task.calibrate``), each with its macro-F1 and bootstrap interval (``*_ci``).
+    """``accuracy`` (argmax of raw log-likelihood), ``accuracy_per_token``, ``accuracy_per_char``
+    (lm-eval's ``acc_norm``) and ``accuracy_calibrated`` (``task.calibrate``), each with its macro-F1
+    (``macro_f1``, ``macro_f1_per_token``, ...) and bootstrap interval (``*_ci``).
 
-    ``score`` is ``accuracy_calibrated`` when ``task.calibrate``, else ``accuracy_norm`` when
-    ``task.normalize``, else ``accuracy``; ``score_metric`` names it. With ``return_details``, ``details``
-    lists per record the label, the raw scores and the token counts of the choices. (One entry point
-    for both task kinds, summaries included: :func:`dpruner_lightning.tasks.evaluate_task`.)
+    ``score`` is the metric :attr:`MultipleChoiceTask.headline` names (``score_metric``). With
+    ``return_details``, ``details`` lists per record the label, the raw scores and the token and
+    character counts of the choices. (One entry point for both task kinds, summaries included:
+    :func:`dpruner_lightning.tasks.evaluate_task`.)
     """
     instances = task.instances()
     was_training = model.training
     model.eval()
-    labels, raw_pred, norm_pred, cal_pred, details = [], [], [], [], []
+    labels, details = [], []
+    picks: dict[str, list[int]] = {"accuracy": [], "accuracy_per_token": [], "accuracy_per_char": [], "accuracy_calibrated": []}
     neutral: dict[tuple[str, ...], list[float]] = {}  # one neutral scoring per distinct choice list
     try:
         for context, conts, label in instances:
             scored = score_choices(model, tokenizer, context, conts, max_length, device)
             raw = [s for s, _ in scored]
+            chars = [task.choice_chars(c) for c in conts]
             labels.append(label)
-            raw_pred.append(_argmax(raw))
-            norm_pred.append(_argmax([s / n for s, n in scored]))
-            detail = {"label": label, "scores": raw, "n_tokens": [n for _, n in scored]}
+            picks["accuracy"].append(_argmax(raw))
+            picks["accuracy_per_token"].append(_argmax([s / n for s, n in scored]))
+            picks["accuracy_per_char"].append(_argmax([s / n for s, n in zip(raw, chars)]))
+            detail = {"label": label, "scores": raw, "n_tokens": [n for _, n in scored], "n_chars": chars}
             if task.calibrate:
                 key = tuple(conts)
                 if key not in neutral:
                     neutral[key] = [s for s, _ in score_choices(model, tokenizer, task.neutral_prompt, conts, max_length, device)]
-                cal_pred.append(_argmax([s - b for s, b in zip(raw, neutral[key])]))
+                picks["accuracy_calibrated"].append(_argmax([s - b for s, b in zip(raw, neutral[key])]))
                 detail["neutral_scores"] = neutral[key]
             details.append(detail)
     finally:
         model.train(was_training)
-    result = {"task": task.name, "n": len(instances),
-              **_summary("accuracy", labels, raw_pred), **_summary("accuracy_norm", labels, norm_pred)}
-    metric = "accuracy_norm" if task.normalize else "accuracy"
-    if task.calibrate:
-        result.update(_summary("accuracy_calibrated", labels, cal_pred))
-        metric = "accuracy_calibrated"
+    result: dict = {"task": task.name, "n": len(instances)}
+    for name, predictions in picks.items():
+        if predictions:
+            result.update(_summary(name, labels, predictions))
+    metric = task.headline
     result.update(score=result[metric], score_ci=result[f"{metric}_ci"], score_metric=metric)
     if return_details:
         result["details"] = details

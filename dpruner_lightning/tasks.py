@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .corpora import pubmed_document
-from .evaluation import MultipleChoiceTask, _format, bootstrap_ci, casehold, evaluate_multiple_choice, pubmedqa
+from .evaluation import MultipleChoiceTask, _format, bootstrap_ci, casehold, evaluate_multiple_choice, normalization, pubmedqa
 from .sources import TextSource, _local_files, load_records
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def _usable_titles(records: Sequence[dict], exclude: set[str]) -> list[dict]:
 
 
 def pubmed_titles(records: Sequence[dict], n: int = 200, seed: int = 0, exclude_texts: Iterable[str] = (),
-                  n_choices: int = 4, normalize: bool = True, **kwargs) -> MultipleChoiceTask:
+                  n_choices: int = 4, normalize: Union[str, bool] = "token", **kwargs) -> MultipleChoiceTask:
     """``n`` questions "which title belongs to this abstract?" over ``{"title", "abstract"}`` records.
 
     A record whose abstract, or ``title\\n\\nabstract`` document, appears in ``exclude_texts`` (the
@@ -239,10 +239,12 @@ def _spec(entry: Any, where: str) -> TaskSpec:
         value = entry.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{where} ({name}): {key} must be a positive integer; got {value!r}")
-    for key, kind in (("seed", int), ("calibrate", bool), ("normalize", bool), ("neutral_prompt", str)):
+    for key, kind in (("seed", int), ("calibrate", bool), ("neutral_prompt", str)):
         value = entry.get(key)
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             raise ValueError(f"{where} ({name}): {key} must be a{'n' if kind is int else ''} {kind.__name__}; got {value!r}")
+    if entry.get("normalize") is not None:  # token | char | none (true / false of older configs: token / none)
+        normalization(entry["normalize"], f"{where} ({name})")
     source = None
     if entry.get("path") or entry.get("dataset"):
         try:

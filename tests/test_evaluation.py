@@ -106,7 +106,7 @@ def test_rigged_right_and_wrong(model, tok):
     assert evaluate_multiple_choice(model, tok, MultipleChoiceTask("r", right, PROMPT, "opts", "y"))["accuracy"] == 1.0
     assert evaluate_multiple_choice(model, tok, MultipleChoiceTask("w", wrong, PROMPT, "opts", "y"))["accuracy"] == 0.0
     out = evaluate_multiple_choice(model, tok, MultipleChoiceTask("n", norm_right, PROMPT, "opts", "y"))
-    assert out["accuracy_norm"] == 1.0 and out["score"] == 1.0
+    assert out["accuracy_per_token"] == 1.0 and out["score"] == 1.0 and out["score_metric"] == "accuracy_per_token"
 
 
 def test_length_normalisation(model, tok):
@@ -117,7 +117,62 @@ def test_length_normalisation(model, tok):
     assert d["n_tokens"] == [6, 12]
     raw, norm = d["scores"], [s / n for s, n in zip(d["scores"], d["n_tokens"])]
     assert raw[1] < raw[0]  # more tokens: lower total log-likelihood
-    assert out["accuracy"] == float(_argmax(raw) == 0) and out["accuracy_norm"] == float(_argmax(norm) == 0)
+    assert out["accuracy"] == float(_argmax(raw) == 0) and out["accuracy_per_token"] == float(_argmax(norm) == 0)
+
+
+# Choices whose token and character counts rank differently under a multi-byte character: "é" is 2 bytes
+# (2 byte tokens) but 1 character, so per token and per character pick from other divisors.
+CHAR_RECORDS = [{"q": q, "opts": ["éé", "ab", "abcd", "ééé x"]} for q in ("Pick one", "Another", "Third", "Last one")]
+
+
+def test_per_character_accuracy_is_lm_evals_acc_norm(model, tok):
+    naive = _naive_all(model, tok, CHAR_RECORDS)
+    chars = [len(o) for o in CHAR_RECORDS[0]["opts"]]  # lm-eval: len(choice), the delimiter not counted
+    assert chars == [2, 2, 4, 5]
+    by_char = [{**r, "y": _argmax([x / c for x, c in zip(s, chars)])} for r, s in zip(CHAR_RECORDS, naive)]
+    out = evaluate_multiple_choice(model, tok, MultipleChoiceTask("c", by_char, PROMPT, "opts", "y", normalize="char"),
+                                   return_details=True)
+    assert out["accuracy_per_char"] == 1.0 and out["score_metric"] == "accuracy_per_char" and out["score"] == 1.0
+    assert all(d["n_chars"] == chars for d in out["details"])
+    assert out["details"][0]["n_tokens"] == [5, 3, 5, 9]  # bytes, with the leading space
+    by_token = [_argmax([x / n for x, n in zip(s, (5, 3, 5, 9))]) for s in naive]
+    assert by_token != [r["y"] for r in by_char]  # the two divisors pick differently here: the test tells them apart
+    assert out["accuracy_per_token"] == sum(p == r["y"] for p, r in zip(by_token, by_char)) / 4
+    wrong = [{**r, "y": (r["y"] + 1) % 4} for r in by_char]
+    assert evaluate_multiple_choice(model, tok, MultipleChoiceTask("w", wrong, PROMPT, "opts", "y"))["accuracy_per_char"] == 0.0
+
+
+def test_choice_characters_drop_only_the_delimiter():
+    task = MultipleChoiceTask("d", [], PROMPT, "opts", "y")
+    assert task.choice_chars(" yes") == 3 and task.choice_chars("yes") == 3 and task.choice_chars("  two") == 4
+    assert task.choice_chars(" ") == 1  # never a division by zero
+    assert MultipleChoiceTask("e", [], PROMPT, "opts", "y", delimiter="\n").choice_chars("\nno") == 2
+
+
+def test_normalize_settings_old_booleans_and_errors():
+    task = MultipleChoiceTask("n", [], PROMPT, "opts", "y")
+    assert task.normalize == "token" and task.headline == "accuracy_per_token"
+    assert MultipleChoiceTask("n", [], PROMPT, "opts", "y", normalize=True).headline == "accuracy_per_token"
+    assert MultipleChoiceTask("n", [], PROMPT, "opts", "y", normalize=False).headline == "accuracy"
+    assert MultipleChoiceTask("n", [], PROMPT, "opts", "y", normalize="char").headline == "accuracy_per_char"
+    assert MultipleChoiceTask("n", [], PROMPT, "opts", "y", normalize="none", calibrate=True).headline == "accuracy_calibrated"
+    with pytest.raises(ValueError, match=r"task 'n': normalize must be one of \['char', 'none', 'token'\]"):
+        MultipleChoiceTask("n", [], PROMPT, "opts", "y", normalize="bytes")
+
+
+def test_results_saved_under_the_old_name_load_renamed(caplog):
+    old = {"task": "pubmed_title", "n": 3, "accuracy": 0.5, "accuracy_norm": 0.25, "accuracy_norm_ci": [0.0, 0.5],
+           "macro_f1_norm": 0.2, "score": 0.25, "score_ci": [0.0, 0.5], "score_metric": "accuracy_norm"}
+    with caplog.at_level(logging.WARNING, logger="dpruner_lightning.evaluation"):
+        new = evaluation.upgrade_metrics(old, "test-results.json")
+        evaluation.upgrade_metrics(old, "test-results.json")
+    assert new == {"task": "pubmed_title", "n": 3, "accuracy": 0.5, "accuracy_per_token": 0.25,
+                   "accuracy_per_token_ci": [0.0, 0.5], "macro_f1_per_token": 0.2, "score": 0.25, "score_ci": [0.0, 0.5],
+                   "score_metric": "accuracy_per_token"}
+    assert "accuracy_norm" in old  # the input is not modified
+    assert caplog.text.count("deprecated metric name 'accuracy_norm'") == 1 and "test-results.json" in caplog.text
+    current = {"accuracy": 1.0, "score_metric": "accuracy"}
+    assert evaluation.upgrade_metrics(current) == current
 
 
 def test_restores_training_mode(model, tok):
@@ -279,9 +334,9 @@ def test_metrics_and_calibration(model, tok, monkeypatch):
     expected = sum(_argmax([s - b for s, b in zip(d["scores"], neutral)]) == d["label"] for d in out["details"]) / 6
     assert out["accuracy_calibrated"] == pytest.approx(expected)
     assert out["score_metric"] == "accuracy_calibrated" and out["score"] == out["accuracy_calibrated"]
-    for key in ("macro_f1", "macro_f1_norm", "macro_f1_calibrated"):
+    for key in ("macro_f1", "macro_f1_per_token", "macro_f1_per_char", "macro_f1_calibrated"):
         assert 0.0 <= out[key] <= 1.0
-    for key in ("accuracy_ci", "accuracy_norm_ci", "accuracy_calibrated_ci", "score_ci"):
+    for key in ("accuracy_ci", "accuracy_per_token_ci", "accuracy_per_char_ci", "accuracy_calibrated_ci", "score_ci"):
         assert out[key][0] <= out[key][1]
     calls.clear()
     evaluate_multiple_choice(model, tok, MultipleChoiceTask("per-record", records, PROMPT, "opts", "y", calibrate=True))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dpruner_lightning import assets, corpora
-from dpruner_lightning.data import pack_tokens, sample_blocks
+from dpruner_lightning.data import draw_blocks
 from dpruner_lightning.evaluation import MultipleChoiceTask, evaluate_multiple_choice
 from dpruner_lightning.models import byte_tokenizer
 from dpruner_lightning.tasks import (
@@ -159,7 +159,7 @@ def test_calibration_documents_are_the_ones_the_datamodule_packs():
     dm.setup()
     docs = calibration_documents(dm)
     for i, name in enumerate(("general", "domain")):
-        blocks = sample_blocks(pack_tokens(docs[name], byte_tokenizer(), dm.seq_len), dm.num_samples, dm.seed + i, name)
+        blocks = draw_blocks(docs[name], byte_tokenizer(), dm.seq_len, dm.num_samples, dm.seed + i, name)
         assert torch.equal(blocks, dm.calibration[name])  # the same documents, split the same way
     all_domain = [p.strip() for p in Path(dm.sources["domain"].path).read_text().split("\n\n") if p.strip()]
     assert 0 < len(docs["domain"]) < len(all_domain)  # the held-out documents are not calibration documents
@@ -222,6 +222,17 @@ def test_task_specs_build_with_limit_and_options(tmp_path):
     assert len(build_task(spec, exclude_texts=[synthetic_titles(6)[0]["abstract"]]).records) == 2
 
 
+@pytest.mark.parametrize("value, headline", [("char", "accuracy_per_char"), ("token", "accuracy_per_token"),
+                                             (True, "accuracy_per_token"), (False, "accuracy"), (None, "accuracy_per_token")])
+def test_normalize_option_picks_the_headline(value, headline, tmp_path, model, tok):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"QUESTION": f"q{i}?", "CONTEXTS": ["c"], "final_decision": "no"} for i in range(3)])
+    entry = {"name": "pubmedqa", "path": str(path), **({} if value is None else {"normalize": value})}
+    (spec,) = parse_task_specs([entry])
+    out = evaluate_task(model, tok, build_task(spec))
+    assert out["score_metric"] == headline and out["score"] == out[headline] and out["score_ci"] == out[f"{headline}_ci"]
+    assert "accuracy_norm" not in out and {"accuracy_per_token", "accuracy_per_char"} <= set(out)
+
+
 def test_built_in_title_records_honour_limit(monkeypatch):
     monkeypatch.setattr(assets, "pubmed_title_records", lambda: synthetic_titles(50))
     (spec,) = parse_task_specs([{"name": "pubmed_title", "limit": 10, "n": 100}])
@@ -239,6 +250,7 @@ def test_built_in_title_records_honour_limit(monkeypatch):
     ([{"name": "pubmed_title", "n": 0}], "n must be a positive integer"),
     ([{"name": "pubmed_title", "seed": "0"}], "seed must be an int"),
     ([{"name": "pubmedqa", "path": "{here}", "calibrate": "yes"}], "calibrate must be a bool"),
+    ([{"name": "pubmedqa", "path": "{here}", "normalize": "bytes"}], r"\(pubmedqa\): normalize must be one of \['char', 'none', 'token'\]"),
     ([{"name": "pubmed_title"}, {"name": "pubmed_title", "n": 5}], "duplicate task names"),
 ])
 def test_bad_task_specs(entries, message, tmp_path):
