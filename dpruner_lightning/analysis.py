@@ -1,9 +1,10 @@
 """Looking at pruning results after the fact: where the masks removed weights, how much two domains'
-masks agree, and how perplexity trades off against sparsity across methods.
+masks agree, how much of a method's importance they keep (:func:`importance_kept`), and how perplexity
+trades off against sparsity.
 
-Only torch/numpy are needed; the two plot functions import matplotlib lazily (``pip install
-"dpruner-lightning[plot]"``) and draw on a private Agg canvas, so they never switch the backend of an
-interactive session that imported this module.
+Only torch/numpy are needed; the plots (:mod:`figures`) import matplotlib lazily (``pip install
+"dpruner-lightning[plot]"``) and draw on a private Agg canvas: they never switch an interactive
+session's backend.
 """
 
 from __future__ import annotations
@@ -14,20 +15,19 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
 from .algorithms.targets import block_index
 from .export import atomic_write_text, load_tensors
+from .figures import block_kind_figure, new_figure, save_figure
 
 #: What every mask-taking function accepts: a mask dict or a path (see :func:`load_masks`).
 MaskSource = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 #: The first numeric path component marks the decoder block (``model.layers.3.``, ``transformer.h.0.``).
 _BLOCK_RE = re.compile(r"^(.*?)\.(\d+)\.")
-_PLOT_HINT = 'plotting needs matplotlib: pip install "dpruner-lightning[plot]"'
 
 
 def load_masks(masks: MaskSource) -> dict[str, torch.Tensor]:
@@ -169,39 +169,97 @@ class MaskAnalyzer:
                                     title: str = "Mask sparsity") -> Path:
         """PNG (or any format matplotlib knows from the suffix) with a block x module-kind heatmap of
         sparsity and the per-block sparsity curve. Needs matplotlib."""
-        return _save_figure(MaskAnalyzer.mask_distribution_figure(masks, title), path)
+        return save_figure(MaskAnalyzer.mask_distribution_figure(masks, title), path)
 
     @staticmethod
     def mask_distribution_figure(masks: MaskSource, title: str = "Mask sparsity"):
         """The matplotlib figure of :meth:`visualize_mask_distribution` (e.g. for TensorBoard's ``add_figure``)."""
-        import numpy as np
+        return block_kind_figure(*block_kind_grid(MaskAnalyzer.analyze_layer_sparsity(masks), "sparsity"),
+                                 title=title, label="sparsity")
 
-        stats = MaskAnalyzer.analyze_layer_sparsity(masks)
-        blocks = list(stats["per_block"]) or [None]  # masks with no numbered blocks: a single row
-        in_blocks = [m["kind"] for m in stats["per_matrix"].values() if m["block"] is not None]
-        kinds = list(dict.fromkeys(in_blocks)) or list(stats["per_kind"])  # no empty lm_head column
-        grid = np.full((len(blocks), len(kinds)), np.nan)
-        if stats["per_block"]:
-            # One matrix per cell: _kinds makes a kind unique within a block.
-            for m in stats["per_matrix"].values():
-                if m["block"] is not None:
-                    grid[blocks.index(m["block"]), kinds.index(m["kind"])] = m["sparsity"]
-        else:
-            grid[0] = [stats["per_kind"][k]["sparsity"] for k in kinds]
-        fig = _figure(ncols=2, width=max(10.0, 0.6 * len(kinds) + 6))
-        ax_map, ax_blk = fig.axes
-        im = ax_map.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
-        ax_map.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
-        ax_map.set_yticks(range(len(blocks)), ["-" if b is None else str(b) for b in blocks])
-        ax_map.set(xlabel="module kind", ylabel="block")
-        fig.colorbar(im, ax=ax_map, label="sparsity")
-        if stats["per_block"]:
-            ax_blk.plot(blocks, [stats["per_block"][b]["sparsity"] for b in blocks], marker="o")
-        ax_blk.axhline(stats["overall"]["sparsity"], color="gray", linestyle="--", label="overall")
-        ax_blk.set(ylim=(0.0, 1.0), xlabel="block", ylabel="sparsity")
-        ax_blk.legend()
-        fig.suptitle(title)
-        return fig
+
+def block_kind_grid(stats: Mapping[str, Any], key: str) -> tuple[list, list[str], Any, list[float], float]:
+    """``(blocks, kinds, grid, per-block values, overall value)`` of ``stats[...][key]`` for a block x
+    module-kind heatmap; ``stats`` is shaped like :meth:`MaskAnalyzer.analyze_layer_sparsity`'s result
+    (or :func:`importance_kept`'s). Without numbered blocks the grid is one row of the per-kind values."""
+    import numpy as np
+
+    blocks = list(stats["per_block"]) or [None]
+    in_blocks = [m["kind"] for m in stats["per_matrix"].values() if m["block"] is not None]
+    kinds = list(dict.fromkeys(in_blocks)) or list(stats["per_kind"])  # no empty lm_head column
+    grid = np.full((len(blocks), len(kinds)), np.nan)
+    if stats["per_block"]:
+        for m in stats["per_matrix"].values():  # one matrix per cell: _kinds makes a kind unique within a block
+            if m["block"] is not None:
+                grid[blocks.index(m["block"]), kinds.index(m["kind"])] = m[key]
+    else:
+        grid[0] = [stats["per_kind"][k][key] for k in kinds]
+    per_block = [stats["per_block"][b][key] for b in blocks] if stats["per_block"] else []
+    return blocks, kinds, grid, per_block, stats["overall"][key]
+
+
+@torch.no_grad()
+def importance_totals(scores: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Total importance mass of every matrix (fp64 sums, one host transfer). Taken BEFORE pruning for
+    scores derived from the weights (magnitude, Wanda), which pruning zeroes: see :func:`importance_kept`."""
+    if not scores:
+        return {}
+    sums = torch.stack([s.detach().sum(dtype=torch.float64).cpu() for s in scores.values()]).tolist()
+    return dict(zip(scores, sums))
+
+
+@torch.no_grad()
+def importance_kept(scores: Mapping[str, torch.Tensor], masks: MaskSource,
+                    totals: Optional[Mapping[str, float]] = None) -> dict[str, Any]:
+    """Share of the importance mass that the keep-masks keep: ``sum(score[kept]) / sum(score)`` per
+    matrix, and pooled (masses summed, not ratios averaged) per decoder block, module kind and overall.
+
+    ``scores`` must cover every mask with the same shape and be >= 0 (importance, not signed weights).
+    ``totals`` (``{name: mass}``, from :func:`importance_totals` before pruning) replaces the
+    denominators: scores computed from the weights after pruning are zero where the mask prunes, so
+    their own sum is the kept mass only. Same layout as :meth:`MaskAnalyzer.analyze_layer_sparsity`:
+    ``{"overall", "per_matrix", "per_block", "per_kind"}``, entries with ``kept``, ``total``, ``share``
+    (and per matrix ``block``, ``kind``, ``weights_kept``: the share of weights kept, for reference)."""
+    if not (isinstance(masks, Mapping) and all(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in masks.values())):
+        masks = load_masks(masks)  # bool masks are used where they are (no host copy of a whole model's masks)
+    missing = sorted(set(masks) - set(scores))
+    if missing:
+        raise ValueError(f"no scores for masked matrices [{_preview(missing)}]: pass the method's scores() for every mask")
+    bad = [f"{n}: {tuple(scores[n].shape)} vs {tuple(k.shape)}" for n, k in masks.items() if scores[n].shape != k.shape]
+    if bad:
+        raise ValueError(f"score and mask shapes differ: {_preview(bad)}")
+    if totals is not None and set(masks) - set(totals):
+        raise ValueError(f"totals lack [{_preview(sorted(set(masks) - set(totals)))}]: take importance_totals() of every scored matrix")
+    f32, rows = torch.float32, []  # fp32 sums (pairwise in torch): an fp64 cast of every product costs 3x
+    for name, keep in masks.items():
+        s = scores[name].detach()
+        keep = keep.to(s.device)
+        rows.append(torch.stack([(s * keep).sum(dtype=f32).double(), s.sum(dtype=torch.float64), s.min().double(),
+                                 torch.count_nonzero(keep).double()]).cpu())
+    sums = torch.stack(rows).tolist()  # per matrix: kept mass, total mass, smallest score, weights kept
+    negative = [n for n, row in zip(masks, sums) if row[2] < 0]
+    if negative:
+        raise ValueError(f"scores of [{_preview(negative)}] are negative: importance_kept needs importance >= 0 "
+                         "(e.g. |W|, G, S), not signed weights")
+    kinds = _kinds(masks)
+    per_matrix: dict[str, dict[str, Any]] = {}
+    per_block: dict[int, dict[str, float]] = {}
+    per_kind: dict[str, dict[str, float]] = {}
+    overall = {"kept": 0.0, "total": 0.0}
+    for (name, keep), (kept, total, _, n_kept) in zip(masks.items(), sums):
+        total = float(totals[name]) if totals is not None else total
+        block = _split_name(name)[0]
+        per_matrix[name] = {"kept": kept, "total": total, "block": block, "kind": kinds[name],
+                            "weights_kept": _ratio(int(n_kept), keep.numel(), 1.0)}
+        groups = [overall, per_kind.setdefault(kinds[name], {"kept": 0.0, "total": 0.0})]
+        if block is not None:
+            groups.append(per_block.setdefault(block, {"kept": 0.0, "total": 0.0}))
+        for group in groups:
+            group["kept"] += kept
+            group["total"] += total
+    for group in (overall, *per_matrix.values(), *per_block.values(), *per_kind.values()):
+        group["share"] = group["kept"] / group["total"] if group["total"] > 0 else 1.0  # nothing to lose
+    return {"overall": overall, "per_matrix": per_matrix, "per_block": dict(sorted(per_block.items())), "per_kind": per_kind}
 
 
 class PerformanceTracker:
@@ -279,7 +337,7 @@ class PerformanceTracker:
                                 title: str | None = None) -> Path:
         """One line per method of ``metric`` (log scale) against sparsity, with the overall Pareto
         frontier dashed when plotting perplexity. Needs matplotlib."""
-        fig = _figure()
+        fig = new_figure()
         ax = fig.axes[0]
         drawn = False
         for method in self.methods():
@@ -302,7 +360,7 @@ class PerformanceTracker:
         ax.set(xlabel="sparsity", ylabel=f"{metric} (log scale)", title=title or f"{metric} vs. sparsity")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        return _save_figure(fig, path)
+        return save_figure(fig, path)
 
 
 def _parse_cell(value: str) -> Any:
@@ -312,32 +370,3 @@ def _parse_cell(value: str) -> Any:
         except ValueError:
             pass
     return value
-
-
-def _figure(ncols: int = 1, width: float = 7.0, height: float = 4.5):
-    """A figure on its own Agg canvas: no pyplot, so no global backend switch and no figure leak."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(_PLOT_HINT) from err
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    fig.subplots(1, ncols)
-    return fig
-
-
-def _save_figure(fig, path: str | os.PathLike) -> Path:
-    """Render to a temporary file next to ``path`` and rename it in, like every other writer here."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = path.suffix[1:].lower() or "png"  # the temp name hides the suffix, so pass the format
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -7,8 +7,9 @@
   finite (a NaN / inf stops the run, naming the matrix and the likely setting), saves the pass's
   importance at once, and logs its time, peak memory and histograms.
 * :class:`MaskApplication` - when training ends: the pruning core (:func:`~dpruner_lightning.pruning.prune`)
-  chooses, checks and applies the masks; the sparsity per matrix and a figure go to TensorBoard; masks,
-  remaining importance and exports are written (export folders holding files we did not write are
+  chooses, checks and applies the masks; the sparsity per matrix and figures (sparsity and importance
+  kept per block and module kind; D-PRUNER's G against S) go to TensorBoard; masks, remaining importance
+  and exports are written (export folders holding files we did not write are
   refused when fit starts, before any pass).
 * :class:`RunSummary` - owns the run folder (:mod:`~dpruner_lightning.rundir`): claims it, keeps
   ``summary.json`` and its ``status`` up to date, records failures, releases the lock.
@@ -29,15 +30,16 @@ import time
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
 from . import models
 from .estimate import check_fits, estimate_memory
 from .export import atomic_write_json, check_finite, check_replaceable
+from .figures import plotting_available
 from .memory import PeakMemory
 from .pruning import check_mask_shapes, check_weights_finite, save_artifacts, save_importance
+from .run_figures import importance_before, log_pruning
 from .rundir import claim_run_dir, release_lock
 
 log = logging.getLogger(__name__)
@@ -120,8 +122,6 @@ def check_multi_process(trainer: L.Trainer, pl_module) -> None:
         )
 
 
-
-
 def _release_process_group(trainer: L.Trainer) -> None:
     """A spawned DDP worker ends right after its stage: tear its process group down first. Left alive,
     gloo's threads can be destroyed while joinable at interpreter exit ("terminate called without an
@@ -159,27 +159,6 @@ def unscale_gradients(trainer: L.Trainer, pl_module) -> bool:
     for t in pl_module.targets.values():
         t.weight.grad = None
     return False
-
-
-def add_run_figures(writer, result) -> None:
-    """The masks' sparsity per block and module kind as an image, and what was pruned as text."""
-    lines = ["| | |", "|---|---|", f"| method | `{result.method_repr}` |", f"| granularity | {result.granularity} |",
-             f"| sparsity requested | {result.sparsity_target:.4f} |",
-             f"| sparsity realised (targets / all parameters) | {result.sparsity_realised['targets']:.4f} / "
-             f"{result.sparsity_realised['all_parameters']:.4f} |"]
-    writer.add_text("run/summary", "\n".join(lines), 0)
-    if not result.masks:
-        return
-    try:
-        from .analysis import MaskAnalyzer
-
-        figure = MaskAnalyzer.mask_distribution_figure(result.masks, f"{result.method}: mask sparsity")
-    except ImportError:  # matplotlib is optional (the [plot] extra)
-        log.info("TensorBoard mask figure skipped: matplotlib is not installed (pip install -e '.[plot]')")
-        return
-    figure.canvas.draw()  # its own Agg canvas: rendered here, no pyplot state involved
-    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
-    writer.add_image("masks/sparsity_by_block_and_kind", image, 0, dataformats="HWC")
 
 
 class CalibrationPasses(L.Callback):
@@ -295,25 +274,24 @@ class MaskApplication(L.Callback):
         # Refuse an export folder holding the user's files now, not after the calibration passes.
         out, spec = run_dir(trainer), pl_module.output  # run_dir: a collective, on every rank
         if pl_module.apply_masks_at_end:
-            for name, wanted in (("pruned_model", spec.export_model), ("sparse_model", spec.export_sparse)):
+            for name, wanted in (("pruned_model", spec.export_model), ("sparse_model", spec.export_sparse),
+                                 ("compressed_24_model", spec.export_compressed_24)):
                 if wanted:
                     check_replaceable(out / name)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if not pl_module.apply_masks_at_end:
             return
+        # The figures are rank 0's (the other ranks' loggers drop what they are given).
+        writer = tensorboard(trainer) if trainer.is_global_zero else None
+        draw = writer is not None and plotting_available()
+        totals = importance_before(pl_module.method) if draw else None  # before the masks zero any weight
         with PeakMemory() as memory:
             result = pl_module.apply_pruning()
         pl_module.phase_seconds["mask"] = result.seconds
         pl_module.peak_memory["mask"], pl_module.peak_memory_kind = memory.peak_bytes, memory.kind
-        writer = tensorboard(trainer)
         if writer is not None:
-            for i, (name, s) in enumerate(result.per_matrix.items()):
-                writer.add_scalar(f"sparsity/{name}", s, 0)
-                writer.add_scalar("sparsity/by_target_index", s, i)
-            writer.add_scalar("sparsity/targets", result.sparsity_realised["targets"], 0)
-            writer.add_scalar("sparsity/all_parameters", result.sparsity_realised["all_parameters"], 0)
-            add_run_figures(writer, result)
+            log_pruning(writer, result, pl_module.method, totals)  # before release(): scores and masks are here
         out = run_dir(trainer)
         if trainer.is_global_zero:  # every rank holds the same results: rank 0 writes them
             pl_module.artifacts.update(save_artifacts(out, result, pl_module.model, pl_module.tokenizer, pl_module.method,

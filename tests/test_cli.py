@@ -96,8 +96,11 @@ def _dpruner(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_exactly_the_working_commands():
     out = _dpruner("--help")
     assert out.returncode == 0
-    listed = [line.split()[0] for line in out.stdout.split("commands:")[1].strip().splitlines()[:5]]
-    assert listed == ["fit", "validate", "compare", "sweep", "speed"]
+    listed = [line.split()[0] for line in out.stdout.split("commands:")[1].strip().splitlines()[:6]]
+    assert listed == ["fit", "validate", "compare", "sweep", "speed", "eval"]
+    assert out.stdout.split("commands:")[1].strip().splitlines()[6] == ""  # nothing else listed
+    sub = _dpruner("eval", "--help")  # its own help names both kinds of task
+    assert sub.returncode == 0 and "lm_eval:<task>" in sub.stdout and "--lm-eval-include" in sub.stdout and "pubmed_title" in sub.stdout
     for gone in ("test", "predict"):  # a pruning module has no test / predict step: refused, not crashed
         proc = _dpruner(gone, "--config", "configs/smoke.yaml")
         assert proc.returncode == 2 and f"unknown command {gone!r}" in proc.stderr and "Traceback" not in proc.stderr
@@ -115,9 +118,12 @@ def test_tensorboard_gets_the_mask_figure_the_summary_text_and_a_real_hp_metric(
     acc = EventAccumulator(str(smoke_run), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert "masks/sparsity_by_block_and_kind" in tags["images"]
-    image = acc.Images("masks/sparsity_by_block_and_kind")[0]
-    assert image.width > 200 and image.height > 100
+    # The smoke run is D-PRUNER: the masks' sparsity, the share of S they keep, and G against S.
+    for tag in ("masks/sparsity_by_block_and_kind", "importance/kept_by_block_and_kind", "importance/general_vs_dual"):
+        assert tag in tags["images"], tag
+        image = acc.Images(tag)[0]
+        assert image.width > 200 and image.height > 100, tag
+    assert 0.5 < acc.Scalars("importance/kept_share")[-1].value < 1.0  # the kept half holds most of S
     assert "run/summary/text_summary" in tags["tensors"]
     text = acc.Tensors("run/summary/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "DPrunerMethod(" in text and "sparsity requested | 0.5000" in text
