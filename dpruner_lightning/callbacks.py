@@ -16,11 +16,13 @@
 
 Artifacts are saved explicitly: ``ModelCheckpoint`` never fires when ``global_step`` stays 0.
 
-Several processes (Lightning's DDP strategies only): at the end of each pass the method's accumulators
-are summed across ranks (:meth:`PruningMethod.reduce_across_ranks`, given an in-place all-reduce-sum
-built on ``trainer.strategy.reduce``) before :meth:`end_pass`, so every rank computes the same scores and
-masks; artifacts and ``summary.json`` are written by rank 0 only. Other multi-process strategies
-(FSDP, DeepSpeed) and methods with ``multi_process = False`` (SparseGPT) raise ``NotImplementedError``.
+Several processes, DDP: at the end of each pass the method's accumulators are summed across ranks
+(:meth:`PruningMethod.reduce_across_ranks`, given an in-place all-reduce-sum built on
+``trainer.strategy.reduce``) before :meth:`end_pass`, so every rank computes the same scores and masks.
+FSDP2 (``ModelParallelStrategy``, :mod:`~dpruner_lightning.fsdp`): every rank reads every micro-batch and
+keeps its own rows; what is saved is gathered first. Artifacts and ``summary.json`` are written by rank 0
+only. Other strategies (DeepSpeed, FSDP1) and methods with ``multi_process = False`` (SparseGPT) raise
+``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from . import models
 from .estimate import check_fits, estimate_memory
 from .export import atomic_write_json, check_finite, check_replaceable
 from .figures import plotting_available
+from .fsdp import ModelParallelStrategy, gathered_artifacts, unsharded_copy
 from .memory import PeakMemory
 from .pruning import check_mask_shapes, check_weights_finite, save_artifacts, save_importance
 from .run_figures import importance_before, log_pruning
@@ -109,10 +112,13 @@ def check_multi_process(trainer: L.Trainer, pl_module) -> None:
     """Refuse the multi-process setups whose results would not equal one process."""
     if trainer.world_size <= 1:
         return
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        return  # FSDP2: the method refuses what it cannot shard when the model is sharded (prepare)
     if not isinstance(trainer.strategy, DDPStrategy):
         raise NotImplementedError(
-            f"calibration passes on {trainer.world_size} processes support Lightning's DDP strategies only "
-            f"(strategy='ddp' or 'ddp_spawn'), not {type(trainer.strategy).__name__}"
+            f"calibration passes on {trainer.world_size} processes support Lightning's DDP strategies "
+            f"(strategy='ddp' or 'ddp_spawn') and FSDP2 through ModelParallelStrategy (data_parallel_size = "
+            f"processes, tensor_parallel_size 1), not {type(trainer.strategy).__name__}"
         )
     method = pl_module.method
     if not method.multi_process:
@@ -195,7 +201,9 @@ class CalibrationPasses(L.Callback):
         """Lightning requests an epoch's train loader before ``on_train_epoch_start``: say the source first."""
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "serve") and epoch < len(pl_module.schedule):
-            datamodule.serve(pl_module.schedule[epoch].source)
+            # FSDP (sharded in configure_model, after this first call): every rank reads every micro-batch
+            fsdp = isinstance(trainer.strategy, ModelParallelStrategy)
+            datamodule.serve(pl_module.schedule[epoch].source, every_rank_reads_all=fsdp)
 
     @staticmethod
     def _first_and_last(pl_module, epoch: int) -> tuple[bool, bool]:
@@ -235,7 +243,7 @@ class CalibrationPasses(L.Callback):
         if not self._first_and_last(pl_module, epoch)[1]:
             return
         p = pl_module.current_pass
-        if trainer.world_size > 1:  # every rank accumulated its own batches: sum them before scoring
+        if trainer.world_size > 1 and not pl_module.method.sharded:  # DDP: each rank its own batches: sum them
             pl_module.method.reduce_across_ranks(p, all_reduce_sum(trainer))
         pl_module.method.end_pass(p)
         seconds = time.perf_counter() - self._t0 - self._validation_seconds
@@ -252,8 +260,10 @@ class CalibrationPasses(L.Callback):
         new = {k: v for k, v in artifacts.items() if k not in self._drawn}  # what this pass produced
         self._drawn.update(new)
         out = run_dir(trainer)  # a collective: on every rank
-        if pl_module.output.save_importance and new and trainer.is_global_zero:
-            pl_module.artifacts.update(save_importance(out, pl_module.method, new))
+        if pl_module.output.save_importance and new:
+            whole = gathered_artifacts(pl_module.method, new)  # FSDP: a collective, on every rank
+            if trainer.is_global_zero:
+                pl_module.artifacts.update(save_importance(out, pl_module.method, new, artifacts=whole))
         writer = tensorboard(trainer)
         if writer is not None:
             writer.add_scalar(f"time/{p.name}_seconds", seconds, trainer.global_step)
@@ -285,17 +295,23 @@ class MaskApplication(L.Callback):
         # The figures are rank 0's (the other ranks' loggers drop what they are given).
         writer = tensorboard(trainer) if trainer.is_global_zero else None
         draw = writer is not None and plotting_available()
-        totals = importance_before(pl_module.method) if draw else None  # before the masks zero any weight
+        sharded = pl_module.method.sharded  # FSDP: rank 0 holds only its rows of the scores: no importance figures
+        totals = importance_before(pl_module.method) if draw and not sharded else None  # before the masks zero any weight
         with PeakMemory() as memory:
             result = pl_module.apply_pruning()
         pl_module.phase_seconds["mask"] = result.seconds
         pl_module.peak_memory["mask"], pl_module.peak_memory_kind = memory.peak_bytes, memory.kind
         if writer is not None:
-            log_pruning(writer, result, pl_module.method, totals)  # before release(): scores and masks are here
+            log_pruning(writer, result, None if sharded else pl_module.method, totals)  # before release()
         out = run_dir(trainer)
+        model, spec, whole = pl_module.model, pl_module.output, None
+        if pl_module.method.sharded:  # gathered on every rank (collectives), written by rank 0
+            whole = gathered_artifacts(pl_module.method) if spec.save_importance else {}
+            if spec.export_model or spec.export_sparse or spec.export_compressed_24:
+                model = unsharded_copy(pl_module.model, trainer.global_rank)
         if trainer.is_global_zero:  # every rank holds the same results: rank 0 writes them
-            pl_module.artifacts.update(save_artifacts(out, result, pl_module.model, pl_module.tokenizer, pl_module.method,
-                                                      pl_module.output, written_before=pl_module.artifacts))
+            pl_module.artifacts.update(save_artifacts(out, result, model, pl_module.tokenizer, pl_module.method,
+                                                      spec, written_before=pl_module.artifacts, artifacts=whole))
         pl_module.method.release()  # W0 copies, collected batches: not needed past this point
         RunSummary.write(trainer, pl_module, "complete")
 

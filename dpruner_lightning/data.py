@@ -165,6 +165,7 @@ class CalibrationDataModule(L.LightningDataModule):
         self._calibration: dict[str, torch.Tensor] = {}
         self._evaluation: dict[str, torch.Tensor] = {}
         self._tokenised = False  # the blocks above are final (built once, or given)
+        self._every_rank_reads_all = False  # see serve()
         self._documents: Optional[dict[str, tuple[list[str], list[str]]]] = None
         self._eval_documents: dict[str, list[str]] = {}
         self._given_tokenizer = None
@@ -188,11 +189,12 @@ class CalibrationDataModule(L.LightningDataModule):
             return
         self._given_tokenizer = tokenizer
 
-    def serve(self, source: str) -> None:
-        """Which calibration set (``general`` or ``domain``) the next :meth:`train_dataloader` returns."""
+    def serve(self, source: str, every_rank_reads_all: bool = False) -> None:
+        """Which calibration set (``general`` or ``domain``) the next :meth:`train_dataloader` returns;
+        ``every_rank_reads_all``: on several processes, every rank gets every sequence (FSDP), not its share."""
         if source not in ("general", "domain"):
             raise ValueError(f"unknown calibration source {source!r}: serve() takes 'general' or 'domain'")
-        self._serving = source
+        self._serving, self._every_rank_reads_all = source, every_rank_reads_all
 
     def _tokenizer(self):
         if self.tokenizer_name:
@@ -331,8 +333,12 @@ class CalibrationDataModule(L.LightningDataModule):
             raise ValueError(f"this pass reads the {name} calibration set, but the datamodule was given no {name} source")
         dataset = TokenBlocks(self.calibration[name])
         trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:  # rank r: sequences r, r+N, ... (no shuffling)
-            sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+        if trainer is not None and trainer.world_size > 1:
+            if self._every_rank_reads_all:
+                # FSDP: every rank reads every sequence (one replica; Lightning keeps a DistributedSampler as given)
+                sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+            else:  # DDP: rank r reads sequences r, r+N, ... (no shuffling)
+                sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
             return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 

@@ -42,7 +42,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .export import artifact_folder, atomic_write_json, check_finite, read_safetensors, save_tensors
+from .export import artifact_folder, atomic_write_json, check_finite, load_dense_state, read_safetensors, save_tensors
 from .semi_structured import check_2_4
 from .sparse_format import CorruptCheckpointError
 
@@ -227,10 +227,4 @@ def load_compressed_24(folder: str | Path, dtype: Optional[torch.dtype] = None) 
     if hasattr(config, "quantization_config"):  # from_config must build a plain model: the weights are dense now
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if unexpected or set(missing) - tied - {k for k in missing if k.endswith("lm_head.weight")}:
-        raise RuntimeError(f"{folder}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return model.eval()
+    return load_dense_state(model, state, f"{folder}: compressed 2:4 weights")

@@ -313,13 +313,19 @@ def load_sparse_model(folder: str | Path, dtype: torch.dtype | None = None) -> t
     folder = Path(folder)
     state = read_sparse_state(folder)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    return load_dense_state(model, state, f"{folder / SPARSE_FILE}: sparse checkpoint")
+
+
+def load_dense_state(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """``model`` (built from its config) with ``state`` loaded, tied weights re-tied, in eval mode;
+    a state that does not fit the config raises, naming ``what`` (the file and its kind)."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that do not fit the config; torch's message names the tensors
-        raise RuntimeError(f"{folder / SPARSE_FILE}: sparse checkpoint does not match the config: {e}") from e
+        raise RuntimeError(f"{what} does not match the config: {e}") from e
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied - {k for k in missing if k.endswith("lm_head.weight")}:
-        raise RuntimeError(f"{folder}: sparse checkpoint does not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise RuntimeError(f"{what} does not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()

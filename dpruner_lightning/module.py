@@ -34,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import SumMetric
 
-from .algorithms.targets import Target, find_targets
+from .algorithms.sharding import shard_model
+from .algorithms.targets import Target, find_decoder_blocks, find_targets
 from .callbacks import CalibrationPasses, MaskApplication, RunSummary
 from .config import MaskSpec, ModelSpec, OutputSpec, TargetSpec
 from .export import NonFiniteError
+from .fsdp import fsdp_mesh
 from .methods.base import CalibrationPass, PruningMethod
 from .methods.dpruner import DPrunerMethod
 from .models import check_model_source, load_causal_lm, load_tokenizer
@@ -113,6 +115,10 @@ class DPrunerModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:  # idempotent: fit, validate and the API call it again
             self._load_model()
+        mesh = fsdp_mesh(self._trainer, self)
+        if mesh is not None and not self.method.sharded:  # FSDP2: one fully_shard per decoder block, then the root
+            shard_model(self.model, find_decoder_blocks(self.model)[1], mesh)
+            self.method.prepare(self.model, self.targets)  # now on this rank's rows
         # Targets require grad for the whole fit (DDP, which wraps the module right after this hook,
         # needs some); validate / predict need none. on_fit_end turns them off again.
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
@@ -151,7 +157,8 @@ class DPrunerModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._restore_fp32_buffers()
-        self.method.world_size = self.trainer.world_size  # one process: a method may step in after_backward
+        # one process (or FSDP, whose ranks all see each micro-batch): a method may step in after_backward
+        self.method.world_size = 1 if self.method.sharded else self.trainer.world_size
         self.method.step_stats = bool(self.trainer.loggers)  # per-step statistics only when something logs them
 
     def on_fit_end(self) -> None:
@@ -229,7 +236,7 @@ class DPrunerModule(L.LightningModule):
         """Several processes: replace every target's local step gradient by its mean over ranks (by hand,
         since the backward ran under no_sync()), so all ranks take the same SGD step."""
         world = self.trainer.world_size
-        if world <= 1:
+        if world <= 1 or self.method.sharded:  # FSDP averaged identical gradients: nothing to do
             return
         for t in self.targets.values():
             if t.weight.grad is not None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .algorithms.masks import check_realised, parse_granularity, realised_sparsity
+from .algorithms.sharding import realised_sparsity_sharded
 from .algorithms.targets import Target
 from .config import MaskSpec, OutputSpec
 from .export import check_finite, export_hf_folder, read_safetensors, save_sparse_model, save_tensors
@@ -50,7 +51,7 @@ class DenseReference:
     def of(cls, model: nn.Module, targets: Mapping[str, Target]) -> "DenseReference":
         return cls(parameters={"targets": sum(t.numel() for t in targets.values()),
                                "all": sum(p.numel() for p in model.parameters())},
-                   shapes={n: t.shape for n, t in targets.items()})
+                   shapes={n: t.full_shape for n, t in targets.items()})
 
 
 @dataclass
@@ -153,7 +154,7 @@ def nonfinite_hint(method: PruningMethod, weights_changed: bool) -> str:
 
 def check_weights_finite(targets: Mapping[str, Target], what: str, hint: str) -> None:
     """Raise :class:`~dpruner_lightning.export.NonFiniteError` naming the first target weight with NaN / inf."""
-    check_finite({n: t.weight for n, t in targets.items()}, what, hint)
+    check_finite({n: t.weight_view() for n, t in targets.items()}, what, hint)  # sharded: this rank's rows
 
 
 def check_mask_shapes(targets: Mapping[str, Target], spec: MaskSpec, method: PruningMethod) -> None:
@@ -225,7 +226,10 @@ def prune(model: nn.Module, targets: Mapping[str, Target], method: PruningMethod
     t0 = time.perf_counter()
     masks = method.prune(spec)
     check_weights_finite(targets, "target weights after pruning", nonfinite_hint(method, weights_changed))
-    report = realised_sparsity(model, {n: t.weight_view() for n, t in targets.items()})
+    if method.sharded:  # every rank holds slices: count them all (the weights themselves, not their views)
+        report = realised_sparsity_sharded(model, {n: t.weight for n, t in targets.items()})
+    else:
+        report = realised_sparsity(model, {n: t.weight_view() for n, t in targets.items()})
     granularity = spec.resolved_granularity(method.default_granularity)
     structured = None
     if method.structured:  # shapes shrank: "sparsity" = fraction of the original parameters removed
@@ -248,13 +252,15 @@ def prune(model: nn.Module, targets: Mapping[str, Target], method: PruningMethod
 
 
 def save_importance(folder: str | Path, method: PruningMethod, groups: Optional[Iterable[str]] = None,
-                    written_before: Mapping[str, str] | None = None) -> dict[str, str]:
+                    written_before: Mapping[str, str] | None = None,
+                    artifacts: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict[str, str]:
     """The method's artifact groups (e.g. ``general_importance``) as ``<folder>/<group>.safetensors``;
     ``groups`` limits them (e.g. to what one pass produced); a group ``written_before`` to that same
-    path (``{group: path}``) is not written again. Returns the paths written."""
+    path (``{group: path}``) is not written again; ``artifacts``: the groups to write instead of
+    ``method.artifacts()`` (e.g. gathered from the ranks' shards). Returns the paths written."""
     folder, written = Path(folder), {}
     before = written_before or {}
-    for group, tensors in method.artifacts().items():
+    for group, tensors in (method.artifacts() if artifacts is None else artifacts).items():
         path = folder / f"{group}.safetensors"
         if tensors and (groups is None or group in groups) and before.get(group) != str(path):
             meta = {"method": method.name, "method_repr": repr(method)}  # what resume_from checks
@@ -263,15 +269,16 @@ def save_importance(folder: str | Path, method: PruningMethod, groups: Optional[
 
 
 def save_artifacts(folder: str | Path, result: PruneResult, model: nn.Module, tokenizer, method: PruningMethod,
-                   output: OutputSpec, written_before: Mapping[str, str] | None = None) -> dict[str, str]:
+                   output: OutputSpec, written_before: Mapping[str, str] | None = None,
+                   artifacts: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict[str, str]:
     """Write what ``output`` asks for into ``folder``: importance (except groups ``written_before``
-    there, e.g. saved when their pass ended), masks, the HF folder (``pruned_model/``) and our sparse
-    format (``sparse_model/``), compressed-tensors' 2:4 layout (``compressed_24_model/``). Returns
-    ``{artifact: path}`` of what it wrote."""
+    there, e.g. saved when their pass ended; ``artifacts``: see :func:`save_importance`), masks, the HF
+    folder (``pruned_model/``) and our sparse format (``sparse_model/``), compressed-tensors' 2:4 layout
+    (``compressed_24_model/``). Returns ``{artifact: path}`` of what it wrote."""
     folder = Path(folder)
     written: dict[str, str] = {}
     if output.save_importance:
-        written.update(save_importance(folder, method, written_before=written_before))
+        written.update(save_importance(folder, method, written_before=written_before, artifacts=artifacts))
     if output.save_masks and result.masks:
         written["masks"] = str(save_tensors(folder / "masks.safetensors", result.masks, {"layout": "out x in, 1 = kept"}))
     if output.export_model:

@@ -221,5 +221,5 @@ def test_multi_process_refusals():
     with pytest.raises(NotImplementedError, match="sparsegpt cannot run on several processes"):
         check_multi_process(ddp, SimpleNamespace(method=SparseGPTMethod()))
     other = SimpleNamespace(world_size=2, strategy=SingleDeviceStrategy())
-    with pytest.raises(NotImplementedError, match="DDP strategies only"):
+    with pytest.raises(NotImplementedError, match="support Lightning's DDP strategies"):
         check_multi_process(other, SimpleNamespace(method=DPrunerMethod()))

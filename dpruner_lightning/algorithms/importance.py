@@ -18,6 +18,7 @@ silently records a graph that keeps every temporary alive.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -87,13 +88,18 @@ def taylor_score(state: TaylorState, weight: torch.Tensor, in_place: bool = Fals
 
 
 @torch.no_grad()
-def normalise_mean_(scores: dict[str, torch.Tensor]) -> float:
+def normalise_mean_(scores: dict[str, torch.Tensor], all_reduce_sum: Optional[Callable[[torch.Tensor], None]] = None) -> float:
     """Divide every score by one global scalar so the mean over all entries is 1; returns the scalar.
+    ``all_reduce_sum`` (in place): the scores are this process's shards, the mean is over all of them.
 
     One scalar (not one per matrix) keeps the relative importance between layers, and makes
     ``lambda_reg`` mean the same across models, sizes and estimators."""
     total = sum(float(s.sum(dtype=torch.float64)) for s in scores.values())  # fp64 sums, no fp64 copies
     count = sum(s.numel() for s in scores.values())
+    if all_reduce_sum is not None:
+        both = torch.tensor([total, float(count)], dtype=torch.float64, device=next(iter(scores.values())).device)
+        all_reduce_sum(both)
+        total, count = float(both[0]), int(both[1])
     if count == 0 or not total > 0:
         raise RuntimeError(
             "general importance is zero everywhere (or not finite): check that the calibration data "

@@ -21,6 +21,17 @@ try:  # transformers is a dependency, but keep the pure-torch layer importable w
 except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment]
 
+try:  # FSDP2 parameters and their gradients are DTensors
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()  # type: ignore[assignment]
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t`` when FSDP sharded it (a DTensor: a slice of rows), else ``t`` itself;
+    either way in-place edits reach the parameter."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
 log = logging.getLogger(__name__)
 
 #: Default regex: linear layers inside numbered decoder blocks (``model.layers.3.mlp.up_proj``,
@@ -43,8 +54,10 @@ class Target:
         return self.module.weight
 
     def weight_view(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
-        """``tensor`` (default: the weight) seen as ``out x in``; a view, so in-place edits reach the source."""
-        t = self.module.weight if tensor is None else tensor
+        """``tensor`` (default: the weight) seen as ``out x in``; a view, so in-place edits reach the source.
+        Under FSDP, this process's rows only (:func:`local_shard`): every accumulator, score and step
+        of the algorithms is then shaped like the local slice."""
+        t = local_shard(self.module.weight if tensor is None else tensor)
         return t.t() if self.transposed else t
 
     def to_storage(self, tensor_out_in: torch.Tensor) -> torch.Tensor:
@@ -53,8 +66,14 @@ class Target:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(out_features, in_features)``."""
+        """``(out_features, in_features)`` (under FSDP: of this process's rows)."""
         return tuple(self.weight_view().shape)  # type: ignore[return-value]
+
+    @property
+    def full_shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)`` of the whole matrix, sharded or not."""
+        shape = tuple(self.module.weight.shape)
+        return shape[::-1] if self.transposed else shape  # type: ignore[return-value]
 
     def numel(self) -> int:
         return self.module.weight.numel()
@@ -113,10 +132,10 @@ def check_untied(model: nn.Module, targets: dict[str, Target]) -> None:
             full = f"{module_name}.{param_name}" if module_name else param_name
             owners.setdefault(id(param), []).append(full)
             if not param.is_meta and param.numel() > 0:  # separate Parameters over one storage count too
-                owners.setdefault(-param.data_ptr(), []).append(full)
+                owners.setdefault(-local_shard(param).data_ptr(), []).append(full)  # a DTensor's own is 0
     for name, target in targets.items():
         weight = target.weight
-        keys = [id(weight)] + ([-weight.data_ptr()] if not weight.is_meta and weight.numel() > 0 else [])
+        keys = [id(weight)] + ([-local_shard(weight).data_ptr()] if not weight.is_meta and weight.numel() > 0 else [])
         others = sorted({o for k in keys for o in owners.get(k, ()) if o != f"{name}.weight"})
         if others:
             raise ValueError(

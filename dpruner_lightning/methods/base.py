@@ -40,6 +40,7 @@ from torch import nn
 from ..algorithms.masks import apply_mask_, choose_masks, expected_tolerance
 from ..algorithms.reconstruct import check_solver, reconstruct_
 from ..algorithms.sequential import sequential_blockwise, weighted_sets
+from ..algorithms.sharding import all_reduce_sum_, check_shardable, full_tensor, local_rows, model_is_sharded
 from ..algorithms.targets import Target, block_index, find_decoder_blocks
 from ..config import MaskSpec
 
@@ -94,6 +95,10 @@ class PruningMethod:
     #: Whether :meth:`after_backward` computes per-step statistics to log (the layer turns it off when
     #: nothing is logged: they cost passes over every weight).
     step_stats: bool = True
+    #: Whether the model is sharded with FSDP2 (set by :meth:`prepare`): every rank reads the same
+    #: micro-batches and accumulates its own rows; masks are chosen on the gathered scores
+    #: (:mod:`~dpruner_lightning.algorithms.sharding`).
+    sharded: bool = False
 
     def __init__(self) -> None:
         self.targets: dict[str, Target] = {}
@@ -215,6 +220,19 @@ class PruningMethod:
         """Called once before the first pass, with the loaded model and its targets."""
         self.model = model
         self.targets = dict(targets)
+        self.sharded = model_is_sharded(model)
+        if self.sharded:
+            check_shardable((n, t.module) for n, t in self.targets.items())
+            if self.structured or not self.multi_process:
+                raise NotImplementedError(
+                    f"{self!r} on an FSDP-sharded model: structured pruning, SparseGPT, reconstruct and "
+                    "selection: sequential need whole matrices on one process. Run it on one process (or with "
+                    "strategy: ddp, where the calibration passes of all but SparseGPT / reconstruct run).")
+
+    @property
+    def shard_sum(self) -> Optional[Callable[[torch.Tensor], None]]:
+        """An in-place sum over the ranks when the model is sharded (totals over every rank's rows), else None."""
+        return all_reduce_sum_ if self.sharded else None
 
     def load_artifacts(self, groups: Mapping[str, Mapping[str, torch.Tensor]], saved_repr: str) -> list[str]:
         """Take scores an earlier run saved (``{group: {target: tensor}}``, written by a method whose repr
@@ -295,15 +313,20 @@ class PruningMethod:
         masks = self.choose_masks(spec)
         if self.reconstruct == "none":
             for name, keep in masks.items():
-                apply_mask_(self.targets[name].weight_view(), keep)
+                target = self.targets[name]
+                apply_mask_(target.weight_view(), local_rows(keep, target.weight))  # sharded: this rank's rows
         else:
             self.reconstruct_kept(masks, spec.block_size)
         return masks
 
     def choose_masks(self, spec: MaskSpec) -> dict[str, torch.Tensor]:
-        """Keep-masks from :meth:`scores` under ``spec`` (granularity, allocation), weights untouched."""
+        """Keep-masks from :meth:`scores` under ``spec`` (granularity, allocation), weights untouched.
+        Sharded: chosen on the whole matrices (each gathered from the ranks), identical on every rank."""
+        scores = self.scores()
+        if self.sharded:
+            scores = {n: full_tensor(s, self.targets[n].weight) for n, s in scores.items()}
         return choose_masks(
-            self.scores(),
+            scores,
             spec.target_sparsity(self.default_granularity),
             spec.resolved_granularity(self.default_granularity),
             block_size=spec.block_size,

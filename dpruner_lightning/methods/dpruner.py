@@ -55,6 +55,7 @@ from ..algorithms.importance import (
     taylor_score,
     weighted_drift,
 )
+from ..algorithms.sharding import local_rows
 from ..config import MaskSpec
 from .base import CalibrationPass, PruningMethod, send_
 from .sparsegpt import check_sequential_mask_spec, prune_sequentially, sequential_tolerance
@@ -186,6 +187,8 @@ class DPrunerMethod(PruningMethod):
         for scores in (self.general, self.dual):  # resumed scores: check them and put them on the device
             for name in (set(scores) | set(self.targets)) if scores else ():
                 t = self.targets.get(name)
+                if self.sharded and t is not None and name in scores and tuple(scores[name].shape) == t.full_shape:
+                    scores[name] = local_rows(scores[name], t.weight)  # saved whole: this rank's rows
                 if t is None or name not in scores or tuple(scores[name].shape) != tuple(t.shape):
                     raise ValueError(f"saved importance does not match this model's target {name!r}: resume from a run "
                                      "of the same model and targets")
@@ -235,6 +238,8 @@ class DPrunerMethod(PruningMethod):
         task_sq, clip = None, 1.0
         if self.max_grad_norm:
             task_sq = sum(torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads.values())
+            if self.sharded:  # the norm of the whole gradient: every rank's rows
+                self.shard_sum(task_sq)
             clip = min(1.0, self.max_grad_norm / max(float(task_sq.sqrt()), 1e-30))
         k, c = 2.0 * self.lambda_reg, 2.0 * self.alpha * self.lambda_reg
         proximal = self.update == "proximal" and c > 0
@@ -331,7 +336,7 @@ class DPrunerMethod(PruningMethod):
                 for n, t in self.targets.items()
             }
             del self._stats
-        self.general_scale = normalise_mean_(self.general)
+        self.general_scale = normalise_mean_(self.general, self.shard_sum)
         self._report_stiffness()
 
     def _report_stiffness(self) -> None:
