@@ -57,7 +57,7 @@ def _pack(docs: Iterable[str], tokenizer, seq_len: int, max_blocks: Optional[int
             if need is not None and len(ids) >= need:
                 break
             before = len(ids)
-            ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+            ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])  # whole documents: no length notice
             if eos is not None:
                 ids.append(eos)
             used += 1

@@ -74,7 +74,7 @@ class NotebookSetup:
             general = paragraphs(self.repo / "configs" / "smoke" / "general.txt")
             domain = paragraphs(self.repo / "configs" / "smoke" / "domain.txt")
             return general, domain[:-3], domain[-3:]
-        from .assets import load_sample_data
+        from .api import load_sample_data
 
         return load_sample_data(self.domain, max_documents=self.max_documents)
 
