@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .export import artifact_folder, atomic_write_json, check_finite, load_dense_state, read_safetensors, save_tensors
+from .extras import require
 from .semi_structured import check_2_4
 from .sparse_format import CorruptCheckpointError
 
@@ -52,19 +53,12 @@ FORMAT = "sparse-24-bitmask"
 WEIGHTS_FILE = "model.safetensors"
 KIND = "compressed_24_model"
 PARTS_24 = ("compressed", "bitmask", "shape")
-INSTALL = "pip install -e '.[deploy]'"
 
 
 def _compressed_tensors():
-    """The ``compressed_tensors`` module, or an ImportError saying how to install it."""
-    try:
-        import compressed_tensors
-        from compressed_tensors.config import Sparse24BitMaskConfig  # noqa: F401 - present in every supported version
-        from compressed_tensors.utils import pack_bitmasks, unpack_bitmasks  # noqa: F401
-    except ImportError as err:
-        raise ImportError(f"the 2:4 compressed-tensors export needs the compressed-tensors package: {INSTALL} "
-                          f"({err})") from err
-    return compressed_tensors
+    """The ``compressed_tensors`` module (with the parts used here), or an ImportError naming the extra."""
+    return require("deploy", "the 2:4 compressed-tensors export", "compressed_tensors", "compressed_tensors.config",
+                   "compressed_tensors.utils")
 
 
 def keep_24(weight: torch.Tensor) -> torch.Tensor:

@@ -23,25 +23,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from .extras import MissingExtraError, require  # noqa: F401 - MissingExtraError: part of this module's API
+
 log = logging.getLogger(__name__)
 
 #: Prefix of an lm-eval task name in ``dpruner eval --tasks``.
 PREFIX = "lm_eval:"
-INSTALL = "pip install 'dpruner-lightning[eval]'"
-
-
-class MissingExtraError(ImportError, ValueError):
-    """An optional extra is not installed (a ValueError too: the CLI reports it as bad input, exit 2)."""
 
 
 def require_lm_eval():
     """The ``lm_eval`` module, or :class:`MissingExtraError` saying which extra installs it."""
-    try:
-        import lm_eval
-    except ImportError as err:
-        raise MissingExtraError(f"lm-eval-harness tasks need the optional extra [eval] (lm-eval >= 0.4.8), which is not "
-                                f"installed here ({err}): {INSTALL}") from err
-    return lm_eval
+    return require("eval", "lm-eval-harness tasks (lm-eval >= 0.4.8)", "lm_eval")
 
 
 def lm_eval_version() -> Optional[str]:
