@@ -34,7 +34,7 @@ from dpruner_lightning.algorithms.hessian import InputStatistics
 from dpruner_lightning.algorithms.sequential import weighted_sets
 from dpruner_lightning.algorithms.sparsegpt import sequential_sparsegpt
 from dpruner_lightning.config import MaskSpec, ModelSpec, OutputSpec
-from dpruner_lightning.data import CalibrationDataModule, TextSource, pack_tokens
+from dpruner_lightning.data import CalibrationDataModule, TextSource, draw_blocks
 from dpruner_lightning.methods import DPrunerMethod, WandaMethod
 from dpruner_lightning.module import DPrunerModule
 from dpruner_lightning.quiet import install_known_filters
@@ -56,17 +56,15 @@ VARIANTS = [
 
 
 def calibration_and_validation(dm: CalibrationDataModule, tokenizer, n_val: int) -> tuple[dict, dict]:
-    """Blocks per source: the datamodule's calibration draw, and the next ``n_val`` of the same permutation
-    (same documents, same seed as its ``setup``; the held-out evaluation documents are never read)."""
+    """Blocks per source: the datamodule's calibration draw, and the next ``n_val`` blocks of the same
+    seeded document order (``draw_blocks`` packs in that order and stops when full, so its first
+    ``num_samples`` blocks are the datamodule's; the held-out evaluation documents are never read)."""
     cal, val = {}, {}
+    n = dm.num_samples
     for name, (docs, _) in dm.source_documents().items():
-        blocks = pack_tokens(docs, tokenizer, dm.seq_len)
-        seed = dm.seed + ("general", "domain").index(name)  # as setup() seeds each source
-        perm = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))
-        n = dm.num_samples
-        if blocks.shape[0] < n + n_val:
-            raise ValueError(f"{name}: {blocks.shape[0]} blocks, need {n} calibration + {n_val} validation")
-        cal[name], val[name] = blocks[perm[:n]], blocks[perm[n : n + n_val]]
+        seed = dm.seed + ("general", "domain").index(name)  # as the datamodule seeds each source
+        blocks = draw_blocks(docs, tokenizer, dm.seq_len, n + n_val, seed, f"{name} calibration + validation text")
+        cal[name], val[name] = blocks[:n], blocks[n:]
     return cal, val
 
 

@@ -258,11 +258,11 @@ def run_row_again(row: Row, run: RowRun, shared: SharedPasses, datamodule: Calib
         folder = run_dir(trainer)
         claim_run_dir(folder, module.output.overwrite)  # before writing: clears an earlier attempt's files first
         writer = tensorboard(trainer)
-        totals: dict = {}  # the importance before the masks, for the kept-importance figure
-        pruned = prune_again(module, run.module.mask_spec, shared.snapshot,
-                             on_restored=lambda m: totals.update(before=importance_before(m.method)) if writer is not None else None)
+        before: dict = {}  # the importance before the masks zero any weight (kept-importance figure)
+        measure = (lambda m: before.update(totals=importance_before(m.method))) if writer is not None else None
+        pruned = prune_again(module, run.module.mask_spec, shared.snapshot, on_restored=measure)
         if writer is not None:
-            log_pruning(writer, pruned, module.method, totals.get("before"))
+            log_pruning(writer, pruned, module.method, before.get("totals"))
         module.artifacts.update(save_artifacts(folder, pruned, module.model, module.tokenizer, module.method, module.output))
         trainer.validate(module, datamodule=datamodule, verbose=False)
         result.update(row_metrics(row, module, trainer, time.perf_counter() - t0))

@@ -83,13 +83,6 @@ def _check_enough(blocks: torch.Tensor, num_samples: int, what: str) -> None:
         )
 
 
-def sample_blocks(blocks: torch.Tensor, num_samples: int, seed: int, what: str) -> torch.Tensor:
-    """``num_samples`` of already packed ``blocks``, drawn without replacement (seeded)."""
-    _check_enough(blocks, num_samples, what)
-    g = torch.Generator().manual_seed(seed)
-    return blocks[torch.randperm(blocks.shape[0], generator=g)[:num_samples]]
-
-
 def draw_blocks(docs: Sequence[str], tokenizer, seq_len: int, num_samples: int, seed: int, what: str) -> torch.Tensor:
     """``[num_samples, seq_len]`` calibration blocks: the documents in a seeded random order (a torch
     ``randperm`` seeded with ``seed``), tokenised and packed only until ``num_samples`` blocks are full.

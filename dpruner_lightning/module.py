@@ -114,7 +114,7 @@ class DPrunerModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:  # idempotent: fit, validate and the API call it again
-            self._load_model()
+            self.load_model()
         mesh = fsdp_mesh(self._trainer, self)
         if mesh is not None and not self.method.sharded:  # FSDP2: one fully_shard per decoder block, then the root
             shard_model(self.model, find_decoder_blocks(self.model)[1], mesh)
@@ -131,10 +131,12 @@ class DPrunerModule(L.LightningModule):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # ddp_spawn hands rank 0's weights back to the calling process, whose model may never have been loaded.
         if self.model is None and any(k.startswith("model.") for k in state_dict):
-            self._load_model()
+            self.load_model()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _load_model(self) -> None:
+    def load_model(self) -> None:
+        """(Re)load the model from its spec: targets, dense reference and stage, then ``method.prepare``
+        (:meth:`configure_model` calls it once; re-pruning a structured method reloads the dense model)."""
         self.model = load_causal_lm(self.model_spec)
         self.model.requires_grad_(False)
         self.targets = find_targets(self.model, self.target_spec.target_modules, self.target_spec.exclude_modules)

@@ -80,7 +80,7 @@ def _reload_dense(module) -> None:
     Trainer had put the first one (``bf16-true`` casts the model when fit starts); ``prepare`` rebinds
     the method to it."""
     old = next(module.model.parameters())
-    module._load_model()
+    module.load_model()
     module.model.to(device=old.device, dtype=old.dtype)
 
 

@@ -179,7 +179,8 @@ def run_speed(argv: Sequence[str]) -> dict[str, Any]:
     """``dpruner speed``: measure, print the markdown report, optionally write the JSON; returns the result."""
     from .config import ModelSpec
     from .export import atomic_write_json
-    from .models import load_causal_lm, load_config
+    from .model_folders import check_model, load_model
+    from .models import load_config
 
     args = build_parser().parse_args(list(argv))
     if args.threads:
@@ -188,13 +189,18 @@ def run_speed(argv: Sequence[str]) -> dict[str, Any]:
     kw = dict(prefill_lengths=args.prefill, decode_context=args.decode_context, batch_size=args.batch_size,
               repeats=args.repeats, warmup=args.warmup, seed=args.seed, min_sparsity=args.min_sparsity)
 
-    def spec(name: str) -> ModelSpec:
-        return ModelSpec(name_or_path=name, dtype=args.dtype, config_overrides=dict(args.config_overrides),
-                         tokenizer="bytes" if name.startswith("random:") else None)
+    def load(name: str) -> nn.Module:
+        """Any folder kind (a run folder, sparse_model/, structured ...); the prompts are seeded ids: no tokenizer."""
+        return load_model(name, args.dtype, tokenizer="bytes", config_overrides=args.config_overrides)[0].to(device)
+
+    def config_of(name: str):
+        located = check_model(name, tokenizer="bytes")  # bad input fails here, before any model is loaded
+        path = str(located[0]) if located else name
+        return load_config(ModelSpec(name_or_path=path, config_overrides=dict(args.config_overrides)))
 
     names = ([args.compare] if args.compare else []) + list(args.model)
     # the same prompt ids for every model: drawn below the smallest vocabulary (configs only, no weights)
-    sizes = [getattr(load_config(spec(n)), "vocab_size", None) for n in names]  # None: a GGUF config decides at load
+    sizes = [getattr(config_of(n), "vocab_size", None) for n in names]  # None: a GGUF config decides at load
     vocab = min((int(v) for v in sizes if v), default=None)
     if args.interleave:
         if args.backends != ["dense"]:
@@ -203,7 +209,7 @@ def run_speed(argv: Sequence[str]) -> dict[str, Any]:
         for i, name in enumerate(names):
             label = f"reference {name}" if i == 0 and args.compare else name
             label = f"{label} ({i + 1})" if label in models else label  # the same model twice: a drift check
-            models[label] = load_causal_lm(spec(name)).to(device)
+            models[label] = load(name)
         result = interleaved_speed(models, vocab, prefill_lengths=args.prefill, decode_context=args.decode_context,
                                    batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, seed=args.seed)
         print(format_interleaved(result))  # the command's output
@@ -212,12 +218,12 @@ def run_speed(argv: Sequence[str]) -> dict[str, Any]:
         return result
     out: dict[str, Any] = {"hardware": hardware(), "runs": [], "comparison": [], "linear": None}
     if args.compare:
-        reference = load_causal_lm(spec(args.compare)).to(device)
+        reference = load(args.compare)
         out["runs"].append(measure_speed(reference, vocab, backends=["dense"], label=f"reference {args.compare}", **kw))
         del reference
     tokens = args.prefill[0] if args.linear_tokens is None else args.linear_tokens
     for i, name in enumerate(args.model):  # one model in memory at a time
-        model = load_causal_lm(spec(name)).to(device)
+        model = load(name)
         out["runs"].append(measure_speed(model, vocab, backends=args.backends, label=name, **kw))
         if args.compare:
             out["comparison"] += compare_runs(out["runs"][0], out["runs"][-1])

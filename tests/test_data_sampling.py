@@ -66,6 +66,8 @@ def test_blocks_are_reproducible_from_the_documents():
     for i, (name, (docs, held_out)) in enumerate(dm.source_documents().items()):
         # Calibration: the documents in the seeded order, packed until the blocks are full.
         assert torch.equal(dm.calibration[name], draw_blocks(docs, tok, 32, 4, dm.seed + i, name))
+        # More blocks from the same order start with the same ones (what benchmarks/dpruner_search.py relies on).
+        assert torch.equal(draw_blocks(docs, tok, 32, 6, dm.seed + i, name)[:4], dm.calibration[name])
         # Evaluation: the first eval_samples blocks of packing every held-out document, tokenising stopped early.
         assert torch.equal(dm.evaluation[name], pack_tokens(held_out, tok, 32)[:2])
         text = tok.decode(dm.calibration[name].reshape(-1).tolist())

@@ -124,3 +124,18 @@ def test_interleaved_timings_give_per_repeat_ratios(capsys) -> None:
     assert "| model | phase | tokens | median ms |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--backends dense"):
         run_speed([a for a in args if a not in ("--backends", "dense")])
+
+
+def test_run_speed_takes_a_run_folder_and_our_sparse_checkpoint(tmp_path) -> None:
+    from dpruner_lightning.algorithms.targets import find_targets
+    from dpruner_lightning.export import export_hf_folder, save_sparse_model
+    from dpruner_lightning.models import byte_tokenizer
+
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    export_hf_folder(model, tok, tmp_path / "run" / "pruned_model")
+    save_sparse_model(model, list(find_targets(model)), tok, tmp_path / "sparse")
+    result = run_speed(["--model", str(tmp_path / "sparse"), "--compare", str(tmp_path / "run"), "--backends", "dense",
+                        "--prefill", "8", "--decode-context", "4", "--repeats", "1", "--warmup", "0", "--linear-tokens", "0"])
+    assert [r["label"] for r in result["runs"]] == [f"reference {tmp_path / 'run'}", str(tmp_path / "sparse")]
+    with pytest.raises(FileNotFoundError, match="holds no model"):
+        run_speed(["--model", str(tmp_path), "--backends", "dense"])  # neither a model nor a run folder

@@ -23,12 +23,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .targets import local_shard
+from .targets import DTensor, local_shard
 
 
 def is_sharded(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor (an FSDP2 parameter or gradient)."""
-    return local_shard(t) is not t
+    return isinstance(t, DTensor)
 
 
 def model_is_sharded(model: nn.Module) -> bool:
@@ -54,8 +54,6 @@ def full_tensor(local_part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     ``like`` is not sharded."""
     if not is_sharded(like):
         return local_part
-    from torch.distributed.tensor import DTensor
-
     part = local_part.to(local_shard(like).device).contiguous()  # state kept on the CPU goes to the mesh's device
     return DTensor.from_local(part, like.device_mesh, like.placements,
                               shape=like.shape, stride=like.stride()).full_tensor()
