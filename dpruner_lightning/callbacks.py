@@ -167,6 +167,14 @@ def unscale_gradients(trainer: L.Trainer, pl_module) -> bool:
     return False
 
 
+def gradients_final_in_backward(trainer: L.Trainer) -> bool:
+    """One unsharded process and no loss scaler: a target gradient is final as soon as autograd has computed
+    it (no all-reduce, unscaling or overflow check comes after), so a method may consume it right there."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return (trainer.world_size == 1 and not isinstance(trainer.strategy, ModelParallelStrategy)
+            and (scaler is None or not scaler.is_enabled()))
+
+
 class CalibrationPasses(L.Callback):
     """Drives the method's passes: tells the datamodule which calibration set to serve, starts each
     pass, hands every micro-batch's gradients to the method, ends the pass (summing accumulators over
@@ -190,6 +198,7 @@ class CalibrationPasses(L.Callback):
             return
         check_multi_process(trainer, pl_module)
         check_schedule(trainer, pl_module)
+        pl_module.method.gradients_final_in_backward = gradients_final_in_backward(trainer)  # before the estimate
         if datamodule is not None and hasattr(datamodule, "batch_size") and pl_module.model is None:
             estimate = estimate_memory(pl_module.model_spec, pl_module.method, pl_module.target_spec,
                                        datamodule.batch_size, datamodule.seq_len)

@@ -5,15 +5,21 @@ targets, and adds up, for the calibration passes:
 
 * **weights**: every parameter in the model's dtype;
 * **gradients**: one per target weight, in the model's dtype (gradient passes only; nothing else
-  requires grad);
+  requires grad), or about two matrices' when the method consumes each gradient during the backward
+  (:meth:`PruningMethod.gradient_bytes`);
 * **method state**: what the method keeps per target (:meth:`PruningMethod.state_bytes`; D-PRUNER:
   the Taylor sums, G, S, the copy W0 and, for 16-bit models, the fp32 master weights). With the
   method's ``state_device: cpu`` it is in host memory: reported apart (``host_state``), and counted
   against the device only when the device is the CPU;
 * **activations of one micro-batch**: per decoder layer ``b*s*h*(34 + 5*a*s/h)`` bytes at 16 bits
-  (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer Models"), scaled
+  (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer Models"; the
+  ``5*a*s/h`` term, the attention scores, only for eager attention: SDPA and flash attention do not
+  keep them. For a 7B Llama at 4 x 2048 tokens the layers then take 36.5 GB and the logits 4.2 GB, against
+  about 34.5 GB for both in the issue's reference on an H200: a 61 GB peak for forward+backward, minus
+  the weights and the gradients), scaled
   to the activation dtype, or only each layer's input plus one layer with gradient checkpointing; plus
-  the fp32 logits and their gradient ``2*b*s*V*4``.
+  the logits: ``b*s*V*(2*d + 12)`` (the logits and their gradient in the model's ``d`` bytes; the
+  loss's fp32 log-probabilities, their gradient and the fp32 logits' gradient).
 
 It is an estimate: allocator caching, the framework's workspace and fragmentation come on top, and
 the CPU figure also holds the tokenised data and the Python runtime. :func:`check_fits` compares it
@@ -68,14 +74,18 @@ class MemoryEstimate:
                 f"method state {size(self.method_state)} + activations of one micro-batch {size(self.activations)}{host}")
 
 
-def _activation_bytes(config, batch: int, seq_len: int, dtype_bytes: int, checkpointing: bool, grad: bool) -> int:
+def _activation_bytes(config, batch: int, seq_len: int, dtype_bytes: int, checkpointing: bool, grad: bool,
+                      attention_scores: bool = True) -> int:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     h = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     vocab = getattr(config, "vocab_size", 0)
-    per_layer = batch * seq_len * h * (34 + 5 * heads * seq_len / max(1, h)) * dtype_bytes / 2
-    logits = 2 * batch * seq_len * vocab * 4
+    scores = 5 * heads * seq_len / max(1, h) if attention_scores else 0.0  # the s x s scores, softmax, dropout mask
+    per_layer = batch * seq_len * h * (34 + scores) * dtype_bytes / 2
+    # the logits and their gradient in the model's dtype, the loss's fp32 log-probabilities, their gradient and
+    # the fp32 logits' gradient (transformers computes the loss in fp32): all alive early in the backward
+    logits = batch * seq_len * vocab * (2 * dtype_bytes + 3 * 4)
     if not grad:  # no graph kept: one layer's temporaries at a time
         return int(per_layer + logits / 2)
     if checkpointing:
@@ -104,12 +114,17 @@ def estimate_memory(spec: ModelSpec, method: PruningMethod, targets: TargetSpec,
             seen.add(id(p))
             weights += p.numel() * dtype_bytes
     grad = any(p.mode in ("backward", "sgd") for p in method.passes())
-    target_numel = sum(r * c for r, c in shapes.values())
     on_device, on_host = method.state_bytes_by_place(shapes, dtype_bytes)
-    return MemoryEstimate(weights=weights, gradients=target_numel * dtype_bytes if grad else 0,
+    return MemoryEstimate(weights=weights, gradients=method.gradient_bytes(shapes, dtype_bytes),
                           method_state=on_device, host_state=on_host,
                           activations=_activation_bytes(config, batch_size, seq_len, dtype_bytes,
-                                                        spec.gradient_checkpointing, grad))
+                                                        spec.gradient_checkpointing, grad, _stores_attention_scores(model)))
+
+
+def _stores_attention_scores(model) -> bool:
+    """Whether the model's attention keeps the ``s x s`` score matrices for the backward: eager attention
+    does; SDPA and flash attention (transformers' default where available) recompute them blockwise."""
+    return getattr(model.config, "_attn_implementation", None) in (None, "eager")
 
 
 def available_bytes(device: torch.device) -> Optional[int]:

@@ -116,6 +116,7 @@ def calibrate(model: nn.Module, targets: Mapping[str, Target], method: PruningMe
     ``sgd_step``."""
     seconds: dict[str, float] = {}
     method.world_size, method.step_stats = 1, False  # one process; nothing here logs per-step statistics
+    method.gradients_final_in_backward = True  # no loss scaler or all-reduce comes after autograd here
     for t in targets.values():
         t.weight.requires_grad_(True)
     try:

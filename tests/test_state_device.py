@@ -17,7 +17,7 @@ from dpruner_lightning.methods.base import send_
 from dpruner_lightning.pruning import calibrate
 
 from .conftest import tiny_model
-from .helpers import tiny_spec, token_batches
+from .helpers import run_prune, tiny_spec, token_batches
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -202,3 +202,48 @@ def test_host_state_is_summed_over_ranks_through_the_weights_device():
     reduce_ = method.state_collective(lambda t: seen.append(t.device.type) or all_reduce_sum(t))
     host = torch.ones(3)
     assert reduce_(host) is host and torch.equal(host, torch.full((3,), 2.0)) and seen == ["cuda"]
+
+
+# -- gradients consumed during the backward ---------------------------------------------------------
+def _watch_live_gradients(method: DPrunerMethod, live: list[int]) -> None:
+    """Record, each time a matrix is consumed, how many target gradients exist at that moment."""
+    for attr in ("_taylor_matrix", "_dual_matrix"):
+        def counted(name, t, *args, _inner=getattr(method, attr), **kwargs):
+            live.append(sum(x.weight.grad is not None for x in method.targets.values()))
+            return _inner(name, t, *args, **kwargs)
+        setattr(method, attr, counted)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(kernels="compiled")], ids=["eager", "compiled"])
+def test_gradients_consumed_in_the_backward_one_at_a_time_give_the_same_results(kw):
+    base = tiny_model("llama").to(torch.bfloat16)
+    runs, live = {}, {}
+    for how in ("after", "during"):
+        model = copy.deepcopy(base)
+        method = DPrunerMethod(alpha=1e-2, lambda_reg=5.0, **kw)
+        if how == "after":
+            method._in_backward = lambda dual: False  # the path every gradient takes under DDP or a loss scaler
+        live[how] = []
+        _watch_live_gradients(method, live[how])
+        runs[how] = (method, _run(model, method))
+    (after, t_after), (during, t_during) = runs["after"], runs["during"]
+    assert max(live["during"]) == 1  # only the gradient being consumed exists: the others are freed or not yet computed
+    assert max(live["after"]) == len(t_after)  # every target's gradient exists at the end of a backward
+    for group, tensors in _state(after).items():
+        for name, t in tensors.items():  # the same arithmetic in another order of matrices: identical
+            torch.testing.assert_close(_state(during)[group][name], t, rtol=0, atol=0, msg=f"{group} {name}")
+    for name, t in t_after.items():
+        torch.testing.assert_close(t_during[name].weight, t.weight, rtol=0, atol=0)
+        assert not t.weight._post_accumulate_grad_hooks  # removed at the end of each pass
+
+
+def test_the_estimate_counts_two_gradients_when_they_are_consumed_in_the_backward(tmp_path):
+    spec, targets = tiny_spec(), find_targets(tiny_model("llama"))
+    largest, every = max(t.numel() for t in targets.values()), sum(t.numel() for t in targets.values())
+    method = DPrunerMethod()
+    assert estimate_memory(spec, method, TargetSpec(), 2, 32).gradients == every * 4  # e.g. under DDP
+    method.gradients_final_in_backward = True
+    assert estimate_memory(spec, method, TargetSpec(), 2, 32).gradients == 2 * largest * 4
+    method.max_grad_norm = 1.0  # the clip's global norm needs every gradient of the step first
+    assert estimate_memory(spec, method, TargetSpec(), 2, 32).gradients == every * 4
+    assert run_prune(tmp_path).method.gradients_final_in_backward  # a one-process CPU fit consumes them in the backward

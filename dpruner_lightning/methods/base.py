@@ -95,6 +95,10 @@ class PruningMethod:
     #: Whether :meth:`after_backward` computes per-step statistics to log (the layer turns it off when
     #: nothing is logged: they cost passes over every weight).
     step_stats: bool = True
+    #: Set by the layer: whether each target gradient is final the moment autograd has computed it (one
+    #: unsharded process, no loss scaler to undo), so a method may consume it, and free it, in a
+    #: post-accumulate-grad hook during the backward instead of after it.
+    gradients_final_in_backward: bool = False
     #: Whether the model is sharded with FSDP2 (set by :meth:`prepare`): every rank reads the same
     #: micro-batches and accumulates its own rows; masks are chosen on the gathered scores
     #: (:mod:`~dpruner_lightning.algorithms.sharding`).
@@ -165,6 +169,13 @@ class PruningMethod:
     def scratch_bytes(shapes: Mapping[str, tuple[int, int]], count: int) -> int:
         """Bytes of ``count`` :meth:`scratch` buffers for targets of these shapes (memory estimate)."""
         return max((r * c for r, c in shapes.values()), default=0) * 4 * count
+
+    def gradient_bytes(self, shapes: Mapping[str, tuple[int, int]], weight_bytes: int) -> int:
+        """Peak bytes of target gradients in the method's gradient passes (memory estimate): every target's
+        (in the model's dtype) by default, none without a gradient pass."""
+        if not any(p.mode in ("backward", "sgd") for p in self.passes()):
+            return 0
+        return sum(r * c for r, c in shapes.values()) * weight_bytes
 
     def check_mask_spec(self, spec: MaskSpec) -> None:
         """Reject mask settings the method cannot honour; called when the module is built (before compute)."""
