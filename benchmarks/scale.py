@@ -20,7 +20,7 @@ the libraries and the data are left out, as in the estimate), and
 ``--accumulators cpu`` on an accelerator, the host state is printed apart). Timings on a machine shared
 with other work are noisy: ``--threads 1`` is steadier there.
 
-    python benchmarks/scale.py                                    # llama-100m, bf16, CPU: a few minutes on 2 cores
+    python benchmarks/scale.py                                    # llama-100m, bf16, CPU: about 2 minutes on 2 cores
     python benchmarks/scale.py --shape llama-2-7b --device cuda --tokens 64 --seq-len 512 --batch-size 1
     python benchmarks/scale.py --shape llama-3-8b --device cuda --accumulators cpu --checkpointing
 """
@@ -81,7 +81,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-100m")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--tokens", type=int, default=8, help="calibration sequences per pass")
+    ap.add_argument("--tokens", type=int, default=32,
+                    help="calibration sequences per pass (default 32: 16 steps, so the once-per-pass work weighs as "
+                         "in a run, not as in a pass of a few steps)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--method", choices=sorted(METHODS), default="d_pruner")

@@ -104,7 +104,8 @@ def estimate_memory(spec: ModelSpec, method: PruningMethod, targets: TargetSpec,
         return None
     dtype = torch_dtype(spec.dtype)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)  # its attention decides the activations
     found = find_targets(model, targets.target_modules, targets.exclude_modules)
     shapes = {n: t.shape for n, t in found.items()}
     dtype_bytes = torch.empty((), dtype=dtype).element_size()

@@ -209,11 +209,19 @@ class DPrunerModule(L.LightningModule):
         return torch.optim.SGD([t.weight for t in self.targets.values()], lr=self.method.learning_rate, momentum=0.0)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self.method.log_this_step = self._logger_writes_this_step()
         # DDP: keep gradients local. training_step runs inside the wrapper's forward, so no_sync() must
         # be entered before it (and its backward happens inside it too).
         ddp = self.trainer.model
         if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
             self._no_sync.enter_context(ddp.no_sync())
+
+    def _logger_writes_this_step(self) -> bool:
+        """Whether the logger writes the coming step's metrics (every ``log_every_n_steps``): the per-step
+        statistics cost passes over every weight, so they are computed only then. Lightning's own answer
+        (a private attribute) when it has one, else every step."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         self._no_sync.close()

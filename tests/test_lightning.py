@@ -83,3 +83,38 @@ def test_bf16_true_keeps_rotary_inv_freq_in_fp32(tmp_path):
     assert buffers and all(b.dtype == torch.float32 for b in buffers.values())
     assert next(module.model.parameters()).dtype == torch.bfloat16
     assert module.result.sparsity_realised["targets"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_step_statistics_are_computed_only_on_the_steps_the_logger_writes(tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dpruner_lightning.config import OutputSpec
+    from dpruner_lightning.module import DPrunerModule
+
+    from .helpers import smoke_data, tiny_spec
+
+    method, computed = DPrunerMethod(alpha=1e-3), []
+    inner = method._dual_gradients
+
+    def spy():
+        stats = inner()
+        computed.append(bool(stats))
+        return stats
+
+    method._dual_gradients = spy
+    module = DPrunerModule(model=tiny_spec(), method=method, mask=MaskSpec(sparsity=0.5),
+                           output=OutputSpec(export_model=False, save_importance=False, save_masks=False))
+    trainer = L.Trainer(**module.trainer_kwargs(), accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="tb"),
+                        log_every_n_steps=2, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, smoke_data(num_samples=8))
+    written = []
+    for event_file in tmp_path.glob("tb/*/events.out.tfevents.*"):
+        acc = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "dual/reg_grad_norm" in acc.Tags()["scalars"]:
+            written += [e.step for e in acc.Scalars("dual/reg_grad_norm")]
+    assert 0 < sum(computed) < len(computed)  # some steps, not all
+    assert sum(computed) == len(written)  # exactly the steps the logger wrote

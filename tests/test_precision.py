@@ -133,6 +133,8 @@ def test_memory_estimate_counts_what_the_passes_hold_and_refuses_a_run_that_cann
     assert bf16.method_state == n_targets * (4 + 4 + 2 + 4) + scratch  # + the fp32 masters
     ckpt = estimate_memory(tiny_spec(gradient_checkpointing=True), DPrunerMethod(), TargetSpec(), 2, 32)
     assert ckpt.activations < est32.activations
+    eager = estimate_memory(tiny_spec(attn_implementation="eager"), DPrunerMethod(), TargetSpec(), 2, 32)
+    assert eager.activations > est32.activations  # eager attention keeps the s x s scores; SDPA does not
 
     monkeypatch.setattr("dpruner_lightning.estimate.available_bytes", lambda device: est32.total // 2)
     calls = []

@@ -95,6 +95,9 @@ class PruningMethod:
     #: Whether :meth:`after_backward` computes per-step statistics to log (the layer turns it off when
     #: nothing is logged: they cost passes over every weight).
     step_stats: bool = True
+    #: Set by the layer before each micro-batch: whether this step's statistics will be written (the
+    #: logger writes every ``log_every_n_steps``); :attr:`stats_now` combines both.
+    log_this_step: bool = True
     #: Set by the layer: whether each target gradient is final the moment autograd has computed it (one
     #: unsharded process, no loss scaler to undo), so a method may consume it, and free it, in a
     #: post-accumulate-grad hook during the backward instead of after it.
@@ -111,6 +114,11 @@ class PruningMethod:
         #: Calibration ``input_ids`` by source, gathered by the ``collect`` passes.
         self.batches: dict[str, list[torch.Tensor]] = {}
         self._scratch: dict[torch.device, list[torch.Tensor]] = {}
+
+    @property
+    def stats_now(self) -> bool:
+        """Whether :meth:`after_backward` computes this step's statistics."""
+        return self.step_stats and self.log_this_step
 
     def configure_reconstruction(self, reconstruct: str = "none", hessian_mix: float = 0.0) -> None:
         """Validate and set the reconstruction options (subclasses call it from ``__init__``)."""

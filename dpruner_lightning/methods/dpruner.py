@@ -322,7 +322,7 @@ class DPrunerMethod(PruningMethod):
                 if t.weight.grad is not None:
                     self._dual_matrix(name, t, clip, task_norm=task_sq is None)
         norms, self._norms = self._norms, {"task": [], "reg": []}
-        if not self.step_stats:
+        if not self.stats_now:
             return {}
         if task_sq is None:
             task_sq = _total(norms["task"])
@@ -341,7 +341,7 @@ class DPrunerMethod(PruningMethod):
         if self._fused and fused.fusable(grad, score, self.general[name], self.original[name], t.weight_view(),
                                          self.master.get(name)):
             squares = fused.dual_step_(grad, self.general[name], score, self.original[name], t.weight_view(),
-                                       self.master.get(name), self._scalars, proximal, self.step_stats)
+                                       self.master.get(name), self._scalars, proximal, self.stats_now)
             t.weight.grad = None
             if squares is not None:
                 norms["reg"].append(squares[1])
@@ -350,7 +350,7 @@ class DPrunerMethod(PruningMethod):
             return
         A, B, C = self.scratch(t.weight, t.shape, 3)
         task = grad if grad.dtype == torch.float32 and grad.device == score.device else A.copy_(grad)
-        if self.step_stats and task_norm:
+        if self.stats_now and task_norm:
             norms["task"].append(torch.linalg.vector_norm(task).square())
         # the fp32 master when the weights are 16-bit (else the weights, brought to the state)
         weight = self.master[name] if name in self.master else t.weight_view().to(score.device)
@@ -359,7 +359,7 @@ class DPrunerMethod(PruningMethod):
             step = task if clip == 1.0 else torch.mul(task, clip, out=B)
         else:
             drift = weighted_drift(self.general[name], weight, self.original[name], out=B)  # G (W - W0)
-            if self.step_stats:
+            if self.stats_now:
                 norms["reg"].append(torch.linalg.vector_norm(drift).mul_(k).square())
             if clip == 1.0:
                 total = step = torch.add(task, drift, alpha=k, out=B)  # g_ours is the step itself
