@@ -47,3 +47,19 @@ def test_scale_shapes_have_their_published_sizes(monkeypatch):
     assert 100e6 <= params("llama-100m") <= 120e6
     assert 6.6e9 <= params("llama-2-7b") <= 6.8e9  # 6.74B
     assert 7.9e9 <= params("llama-3-8b") <= 8.1e9  # 8.03B
+
+
+def test_the_prepared_gpu_run_passes_arguments_the_benchmark_accepts(monkeypatch):
+    """benchmarks/gpu_checks.sh waits for a session lent a GPU: its scale.py calls must still parse (on
+    the CPU, with its dry-run substitutions for the shape, the device and the sequence length)."""
+    import shlex
+
+    scale = _scale(monkeypatch)
+    script = (REPO / "benchmarks" / "gpu_checks.sh").read_text()
+    assert "SHAPE=${SHAPE:-llama-2-7b}" in script and "DEVICE=${DEVICE:-cuda}" in script
+    calls = re.findall(r"benchmarks/scale\.py ([^\n]*)", script.replace("\\\n", " "))
+    assert len(calls) == 2
+    for call in calls:
+        argv = shlex.split(call.replace('"$SHAPE"', "tiny").replace('"$DEVICE"', "cpu").replace('"$SEQ"', "64"))
+        args = scale.parse_args(argv)
+        assert (args.shape, args.device, args.seq_len, args.checkpointing) == ("tiny", "cpu", 64, True)

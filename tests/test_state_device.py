@@ -247,3 +247,28 @@ def test_the_estimate_counts_two_gradients_when_they_are_consumed_in_the_backwar
     method.max_grad_norm = 1.0  # the clip's global norm needs every gradient of the step first
     assert estimate_memory(spec, method, TargetSpec(), 2, 32).gradients == every * 4
     assert run_prune(tmp_path).method.gradients_final_in_backward  # a one-process CPU fit consumes them in the backward
+
+
+def test_llm_pruner_consumes_its_gradients_in_the_backward_with_the_same_importance(monkeypatch):
+    base, runs, live = tiny_model("llama"), {}, {}
+    for how in ("after", "during"):
+        if how == "after":  # the path under DDP or a loss scaler
+            monkeypatch.setattr(LLMPrunerMethod, "consumes_in_backward", property(lambda self: False))
+        else:
+            monkeypatch.undo()
+        method, seen = LLMPrunerMethod(), []
+        inner = method._accumulate
+
+        def counted(name, _inner=inner, _method=method, _seen=seen):
+            _seen.append(sum(p.grad is not None for p in _method._params.values()))
+            return _inner(name)
+
+        method._accumulate = counted
+        _run(copy.deepcopy(base), method)
+        runs[how], live[how] = method, seen
+    assert max(live["during"]) == 1 and max(live["after"]) > 1
+    assert runs["after"].importance.keys() == runs["during"].importance.keys()
+    for block, groups in runs["after"].importance.items():
+        for kind, scores in groups.items():
+            assert torch.equal(runs["during"].importance[block][kind], scores), (block, kind)
+    assert not runs["during"].gradients_hooked  # removed at the end of the pass

@@ -185,6 +185,35 @@ class PruningMethod:
             return 0
         return sum(r * c for r, c in shapes.values()) * weight_bytes
 
+    @staticmethod
+    def largest_gradients_bytes(shapes: Mapping[str, tuple[int, int]], weight_bytes: int) -> int:
+        """:meth:`gradient_bytes` when every gradient is consumed in the backward: the largest target's,
+        twice (the one being consumed and the next one autograd computes)."""
+        return 2 * max((r * c for r, c in shapes.values()), default=0) * weight_bytes
+
+    @property
+    def consumes_in_backward(self) -> bool:
+        """Whether gradients may be consumed in hooks during the backward (:attr:`gradients_final_in_backward`
+        on one unsharded process)."""
+        return self.gradients_final_in_backward and not self.sharded and self.world_size == 1
+
+    def hook_gradients(self, params: Mapping[str, nn.Parameter], consume: Callable[[str], None]) -> None:
+        """Call ``consume(name)`` from a post-accumulate-grad hook of each parameter, the moment autograd has
+        computed its gradient (replacing hooks set earlier); ``consume`` frees the gradient once used, so
+        about one exists at a time instead of every one until the backward ends."""
+        self.unhook_gradients()
+        self._hooks = [param.register_post_accumulate_grad_hook(lambda _, n=name: consume(n))
+                       for name, param in params.items()]
+
+    def unhook_gradients(self) -> None:
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
+        self._hooks = []
+
+    @property
+    def gradients_hooked(self) -> bool:
+        return bool(getattr(self, "_hooks", None))
+
     def check_mask_spec(self, spec: MaskSpec) -> None:
         """Reject mask settings the method cannot honour; called when the module is built (before compute)."""
 
@@ -367,6 +396,7 @@ class PruningMethod:
         """Free what only :meth:`prune` needed (collected batches, copies of the weights); scores stay.
         The layer calls it once the artifacts are saved; prune again only before it."""
         self.batches = {}
+        self.unhook_gradients()
 
     # -- helpers -----------------------------------------------------------------------------------
     def block_of(self) -> dict[str, int | None]:

@@ -145,7 +145,6 @@ class DPrunerMethod(PruningMethod):
             raise ValueError(f"kernels must be 'auto', 'eager' or 'compiled'; got {kernels!r}")
         self.kernels = kernels
         self._fused = False  # decided per pass (start_pass): the kernels compiled and warmed up
-        self._hooks: list = []  # post-accumulate-grad hooks of the running pass
         self._norms: dict[str, list[torch.Tensor]] = {"task": [], "reg": []}
         self.general: dict[str, torch.Tensor] = {}
         self.dual: dict[str, torch.Tensor] = {}
@@ -240,7 +239,7 @@ class DPrunerMethod(PruningMethod):
         in a post-accumulate-grad hook during the backward (:attr:`gradients_final_in_backward`; the dual
         pass not with ``max_grad_norm``, whose global norm needs every gradient first)."""
         weight = next(iter(self.targets.values())).weight if self.targets else None
-        self._detach_hooks()
+        self.unhook_gradients()
         self._norms = {"task": [], "reg": []}  # squared norms of this step's matrices (step_stats)
         self._fused = weight is not None and (
             self.kernels == "compiled" or (self.kernels == "auto" and weight.device.type == "cuda"
@@ -255,26 +254,18 @@ class DPrunerMethod(PruningMethod):
                               stats=stats)
         if self._in_backward(dual):
             consume = self._dual_matrix if dual else self._taylor_matrix
-            self._hooks = [t.weight.register_post_accumulate_grad_hook(lambda _, n=name, t=t: consume(n, t))
-                           for name, t in self.targets.items()]
+            self.hook_gradients({n: t.weight for n, t in self.targets.items()}, lambda n: consume(n, self.targets[n]))
 
     def _in_backward(self, dual: bool) -> bool:
-        """Whether a pass consumes (and frees) each gradient in a hook as soon as autograd has computed it:
-        at most a matrix or two of gradients then exist at once, instead of every target's."""
-        if not self.gradients_final_in_backward or self.sharded or self.world_size != 1:
+        """Whether a pass consumes each gradient in a hook during the backward (:meth:`hook_gradients`):
+        not the dual pass with ``max_grad_norm``, whose global norm needs every gradient first."""
+        if not self.consumes_in_backward:
             return False
         return not self.max_grad_norm if dual else self.general_estimator == "taylor"
 
-    def _detach_hooks(self) -> None:
-        for hook in getattr(self, "_hooks", []):
-            hook.remove()
-        self._hooks = []
-
     def gradient_bytes(self, shapes, weight_bytes: int) -> int:
-        """Consumed during the backward (both passes): the largest target's gradient, twice (the one being
-        consumed and the next one autograd computes); otherwise every target's."""
         if self._in_backward(dual=True) and self._in_backward(dual=False):
-            return 2 * max((r * c for r, c in shapes.values()), default=0) * weight_bytes
+            return self.largest_gradients_bytes(shapes, weight_bytes)
         return super().gradient_bytes(shapes, weight_bytes)
 
     @property
@@ -306,7 +297,7 @@ class DPrunerMethod(PruningMethod):
         :meth:`_dual_matrix`, after the global clip factor when ``max_grad_norm`` is set; returns the
         step's statistics."""
         task_sq, clip = None, 1.0
-        if not self._hooks:
+        if not self.gradients_hooked:
             grads = [t.weight_view(t.weight.grad) for t in self.targets.values() if t.weight.grad is not None]
             # max_grad_norm clips the TASK gradient of the step (global norm over the targets), before the
             # regulariser and the proximal division, so the step is the closed form with a clipped g_task.
@@ -419,7 +410,7 @@ class DPrunerMethod(PruningMethod):
                 all_reduce_sum(self.dual[name])
 
     def end_pass(self, p: CalibrationPass) -> None:
-        self._detach_hooks()
+        self.unhook_gradients()
         self.free_scratch()
         if p.name != "general":
             return
@@ -471,7 +462,6 @@ class DPrunerMethod(PruningMethod):
 
     def release(self) -> None:
         super().release()
-        self._detach_hooks()
         self.original, self.master = {}, {}
         self.free_scratch()
 

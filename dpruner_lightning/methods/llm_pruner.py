@@ -62,6 +62,7 @@ class LLMPrunerMethod(PruningMethod):
         self.importance: dict[int, dict[str, torch.Tensor]] = {}
         self._grads: dict[str, torch.Tensor] = {}
         self._names: list[str] = []
+        self._params: dict[str, nn.Parameter] = {}
 
     def scoring_passes(self) -> list[CalibrationPass]:
         return [CalibrationPass("calibration", self.source, "backward")]
@@ -93,21 +94,33 @@ class LLMPrunerMethod(PruningMethod):
         # Biases of grouped layers count in the group's importance: the module only enables the
         # target weights' gradients, so enable the biases here (disabled again in end_pass).
         params = dict(self.model.named_parameters())
-        for name in self._names:
-            params[name].requires_grad_(True)
+        self._params = {name: params[name] for name in self._names}
+        for param in self._params.values():
+            param.requires_grad_(True)
+        if self.consumes_in_backward:
+            self.hook_gradients(self._params, self._accumulate)
 
     @torch.no_grad()
     def after_backward(self, p: CalibrationPass) -> dict[str, float]:
-        params = dict(self.model.named_parameters())
-        for name in self._names:
-            param = params[name]
-            if param.grad is None:
-                continue
-            if name not in self._grads:
-                self._grads[name] = self.new_state(param)  # fp32 sum on the state device
-            self._grads[name].add_(param.grad.to(self._grads[name].device))
-            param.grad = None  # accumulated: free it now (the module's optimizer only zeroes the target weights')
+        for name in self._names:  # what no hook consumed during the backward
+            if self._params[name].grad is not None:
+                self._accumulate(name)
         return {}
+
+    @torch.no_grad()
+    def _accumulate(self, name: str) -> None:
+        """Add one parameter's micro-batch gradient to its fp32 sum, then free it (the module's optimizer
+        only zeroes the target weights')."""
+        param = self._params[name]
+        if name not in self._grads:
+            self._grads[name] = self.new_state(param)  # fp32 sum on the state device
+        self._grads[name].add_(param.grad.to(self._grads[name].device))
+        param.grad = None
+
+    def gradient_bytes(self, shapes, weight_bytes: int) -> int:
+        if self.consumes_in_backward:
+            return self.largest_gradients_bytes(shapes, weight_bytes)
+        return super().gradient_bytes(shapes, weight_bytes)
 
     def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum) -> None:
         all_reduce_sum = self.state_collective(all_reduce_sum)
@@ -120,9 +133,9 @@ class LLMPrunerMethod(PruningMethod):
             raise RuntimeError("LLM-Pruner saw no gradient: its calibration pass must run backward")
         self.importance = group_importance(self.model, self._grads)
         self._grads = {}  # one fp32 copy of every grouped parameter: free it as soon as possible
-        params = dict(self.model.named_parameters())
-        for name in self._names:
-            params[name].requires_grad_(False)
+        self.unhook_gradients()
+        for param in self._params.values():
+            param.requires_grad_(False)
 
     def artifacts(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"group_importance": {f"block{b}.{kind}": t for b, imp in self.importance.items() for kind, t in imp.items()}}
