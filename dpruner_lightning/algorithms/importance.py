@@ -141,6 +141,45 @@ def dual_accumulate_(score: torch.Tensor, grad: torch.Tensor, weight: torch.Tens
     score.add_(gw.addcmul_(gw, gw, value=0.5).abs_())
 
 
+@torch.no_grad()
+def dual_step_(grad: torch.Tensor, general: torch.Tensor, score: torch.Tensor, weight0: torch.Tensor, weight: torch.Tensor,
+               buffers: list[torch.Tensor], lambda_reg: float, c: float, clip: float = 1.0, proximal: bool = False,
+               take_step: bool = True, squares: Optional[dict[str, list]] = None, task_norm: bool = True,
+               ) -> Optional[tuple[torch.Tensor, float]]:
+    """One dual-pass micro-batch on one matrix, eager, in three reused fp32 ``buffers`` shaped like it (A: the
+    task gradient; B: the regulariser, then the step; C: the gradient of L_ours, then the proximal
+    denominator): ``S += |g*W + 0.5*(g*W)^2|`` with ``g = g_task + 2 lambda G (W - W0)``, never clipped, and,
+    with ``take_step``, the step ``clip * g_task + 2 lambda G (W - W0)``, divided by ``1 + c G`` when
+    ``proximal`` (``c = 2 alpha lambda``). ``weight``: the fp32 master, or the weights brought to the state's
+    device. Returns ``(step, scale)`` for ``W -= alpha * scale * step`` (``step`` may be ``grad`` itself), or
+    None without a step. ``squares``: lists ``task`` and ``reg`` that receive the squared norms of ``g_task``
+    (when ``task_norm``) and of the regulariser's gradient. :func:`~.fused.dual_step_` is the same in one kernel."""
+    A, B, C = buffers
+    task = grad if grad.dtype == torch.float32 and grad.device == score.device else A.copy_(grad)
+    if squares is not None and task_norm:
+        squares["task"].append(torch.linalg.vector_norm(task).square())
+    k = 2.0 * lambda_reg
+    if lambda_reg <= 0:
+        total = task
+        step = task if clip == 1.0 else torch.mul(task, clip, out=B)
+    else:
+        drift = weighted_drift(general, weight, weight0, out=B)  # G (W - W0)
+        if squares is not None:
+            squares["reg"].append(torch.linalg.vector_norm(drift).mul_(k).square())
+        if clip == 1.0:
+            total = step = torch.add(task, drift, alpha=k, out=B)  # g_ours is the step itself
+        else:
+            total = torch.add(task, drift, alpha=k, out=C)
+            step = drift.mul_(k).add_(task, alpha=clip)  # clip * g_task + regulariser
+    dual_accumulate_(score, total, weight, work=C)  # C now holds g*W, overwriting g_ours when it was there
+    if not take_step:
+        return None
+    if proximal:  # step / (1 + cG) = (step / (G + 1/c)) / c: the 1/c goes into the update, one pass less
+        step.div_(torch.add(general, 1.0 / c, out=C))
+        return step, 1.0 / c
+    return step, 1.0
+
+
 @dataclass
 class DualStepStats:
     """Norms logged per step so users can see whether G actually shapes S."""

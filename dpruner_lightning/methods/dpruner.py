@@ -32,10 +32,13 @@ the same update and the weights stay identical. One step on N ranks is therefore
 gradient accumulation over N micro-batches at the same weights (S gets N terms, the step uses their
 mean gradient), not N sequential steps.
 
-Memory. ``state_device: cpu`` keeps the Taylor sums (or OBS Hessians), G, S, W0 and the fp32 masters in
-host memory and runs the per-step arithmetic there (see :mod:`.base`). Gradients are freed as soon as
-they are used: each general-pass gradient once added to the Taylor sums, each dual-pass gradient once
-its step is applied.
+Memory and speed. ``state_device: cpu`` keeps the Taylor sums (or OBS Hessians), G, S, W0 and the fp32
+masters in host memory and runs the per-step arithmetic there (see :mod:`.base`). Gradients are freed as
+soon as they are used: each general-pass gradient once added to the Taylor sums, each dual-pass gradient
+once its step is applied; on one unsharded process without a loss scaler that happens in a hook the
+moment autograd has computed it (:meth:`~.base.PruningMethod.hook_gradients`), so about one gradient
+exists at a time. ``kernels: compiled`` runs each matrix's per-step update as one fused kernel
+(:mod:`..algorithms.fused`).
 """
 
 from __future__ import annotations
@@ -49,12 +52,11 @@ from ..algorithms import fused
 from ..algorithms.hessian import InputStatistics, obs_saliency
 from ..algorithms.importance import (
     TaylorState,
-    dual_accumulate_,
+    dual_step_,
     normalise_mean_,
     taylor_accumulate_,
     taylor_all_reduce_,
     taylor_score,
-    weighted_drift,
 )
 from ..algorithms.sharding import local_rows
 from ..config import MaskSpec
@@ -323,12 +325,11 @@ class DPrunerMethod(PruningMethod):
     def _dual_matrix(self, name: str, t, clip: float = 1.0, task_norm: bool = True) -> None:
         """S += the terms of one target's regularised gradient, and its step: taken at once on one process
         (the gradient freed), else left in the gradient for :meth:`sgd_step`. The fused kernel when it runs,
-        else eager arithmetic where the state lives (``state_device``), in three reused fp32 buffers
-        (:meth:`scratch`): A the task gradient, B the regulariser and then the step, C the gradient of
-        L_ours and then the proximal denominator. ``task_norm``: add the task gradient's squared norm to
-        the step statistics (not when the clip already computed it)."""
+        else :func:`~..algorithms.importance.dual_step_` where the state lives (``state_device``), in three
+        reused fp32 buffers (:meth:`scratch`). ``task_norm``: add the task gradient's squared norm to the
+        step statistics (not when the clip already computed it)."""
         grad, score, norms = t.weight_view(t.weight.grad), self.dual[name], self._norms
-        k, c, proximal = 2.0 * self.lambda_reg, 2.0 * self.alpha * self.lambda_reg, self._proximal
+        c, proximal = 2.0 * self.alpha * self.lambda_reg, self._proximal
         if self._fused and fused.fusable(grad, score, self.general[name], self.original[name], t.weight_view(),
                                          self.master.get(name)):
             squares = fused.dual_step_(grad, self.general[name], score, self.original[name], t.weight_view(),
@@ -339,37 +340,18 @@ class DPrunerMethod(PruningMethod):
                 if task_norm:
                     norms["task"].append(squares[0])
             return
-        A, B, C = self.scratch(t.weight, t.shape, 3)
-        task = grad if grad.dtype == torch.float32 and grad.device == score.device else A.copy_(grad)
-        if self.stats_now and task_norm:
-            norms["task"].append(torch.linalg.vector_norm(task).square())
         # the fp32 master when the weights are 16-bit (else the weights, brought to the state)
         weight = self.master[name] if name in self.master else t.weight_view().to(score.device)
-        if self.lambda_reg <= 0:
-            total = task
-            step = task if clip == 1.0 else torch.mul(task, clip, out=B)
-        else:
-            drift = weighted_drift(self.general[name], weight, self.original[name], out=B)  # G (W - W0)
-            if self.stats_now:
-                norms["reg"].append(torch.linalg.vector_norm(drift).mul_(k).square())
-            if clip == 1.0:
-                total = step = torch.add(task, drift, alpha=k, out=B)  # g_ours is the step itself
-            else:
-                total = torch.add(task, drift, alpha=k, out=C)
-                step = drift.mul_(k).add_(task, alpha=clip)  # clip * g_task + regulariser
-        # S: the unclipped gradient of L_ours (C holds g*W, overwriting g_ours when it is there)
-        dual_accumulate_(score, total, weight, work=C)
-        if self.learning_rate <= 0:  # no step is taken: S is all this pass computes
+        out = dual_step_(grad, self.general[name], score, self.original[name], weight, self.scratch(t.weight, t.shape, 3),
+                         self.lambda_reg, c, clip, proximal, take_step=self.learning_rate > 0,
+                         squares=norms if self.stats_now else None, task_norm=task_norm)
+        if out is None:  # no step is taken: S is all this pass computes
             t.weight.grad = None
-            return
-        scale = 1.0
-        if proximal:  # implicit regulariser (module docstring): step / (1 + cG) = (step / (G + 1/c)) / c
-            step.div_(torch.add(self.general[name], 1.0 / c, out=C))
-            scale = 1.0 / c  # taken into the update: one pass over the matrix less
-        if self.world_size == 1:  # one process: step now, in fp32 (see sgd_step)
-            self._apply_step(t, name, step, scale)
+        elif self.world_size == 1:  # one process: step now, in fp32 (see sgd_step)
+            self._apply_step(t, name, *out)
             t.weight.grad = None
-        elif step is not task:  # else the gradient already is the step
+        elif out[0] is not grad:  # else the gradient already is the step
+            step, scale = out
             send_(grad, step.mul_(scale) if scale != 1.0 else step)  # for sgd_step, once averaged over ranks
 
     @torch.no_grad()
