@@ -16,13 +16,15 @@
 #               against the estimate (<= 100 GB); gradient checkpointing on both sides (without it the
 #               estimate, 135 GiB, is too close to the card's 139 GiB)
 #   scale_7b_eager  the same dual pass with kernels: eager, to show what the fused kernels buy
-#   speed_24    2:4 semi-structured kernels against dense on a real-sized matmul (benchmarks/speed.py)
+#   fsdp_1gpu   FSDP2 (ModelParallelStrategy over a mesh of one GPU) against a plain fit: masks, G, S
+#   speed_24    2:4 semi-structured kernels against dense on the demo model (benchmarks/speed.py)
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# Overridable for a dry run of the script itself on a CPU: DEVICE=cpu SHAPE=tiny SEQ=64 bash benchmarks/gpu_checks.sh
-DEVICE=${DEVICE:-cuda} SHAPE=${SHAPE:-llama-2-7b} SEQ=${SEQ:-2048}
+# Overridable for a dry run of the script itself on a CPU:
+#   DEVICE=cpu SHAPE=tiny SEQ=64 FSDP_SHAPE=tiny bash benchmarks/gpu_checks.sh
+DEVICE=${DEVICE:-cuda} SHAPE=${SHAPE:-llama-2-7b} SEQ=${SEQ:-2048} FSDP_SHAPE=${FSDP_SHAPE:-llama-100m}
 : > "$OUT/summary.txt"
 
 run() {  # run NAME SECONDS COMMAND...: the command's output to $OUT/NAME.log, its exit code to summary.txt
@@ -41,11 +43,12 @@ run() {  # run NAME SECONDS COMMAND...: the command's output to $OUT/NAME.log, i
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-run tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_fused_kernels.py tests/test_state_device.py tests/test_precision.py
+run tests 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_fused_kernels.py tests/test_state_device.py tests/test_precision.py
 run scale_7b 270 python3 benchmarks/scale.py --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --tokens 64 \
     --seq-len "$SEQ" --batch-size 4 --checkpointing --repeats 1
-run scale_7b_eager 120 python3 benchmarks/scale.py --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --tokens 16 \
+run scale_7b_eager 100 python3 benchmarks/scale.py --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --tokens 16 \
     --seq-len "$SEQ" --batch-size 4 --checkpointing --repeats 1 --kernels eager
-run speed_24 80 python3 benchmarks/speed.py --device "$DEVICE" --dtype bfloat16 --prefill 512 "$SEQ" --repeats 10 \
+run fsdp_1gpu 60 python3 benchmarks/fsdp_check.py --accelerator "$DEVICE" --devices 1 --shape "$FSDP_SHAPE" --dtype bfloat16
+run speed_24 70 python3 benchmarks/speed.py --device "$DEVICE" --dtype bfloat16 --prefill 512 "$SEQ" --repeats 10 \
     --output "$OUT/speed_gpu.md"
 cat "$OUT/summary.txt"

@@ -18,8 +18,9 @@ The datamodule is told, never asks: the caller hands it a tokenizer (``use_token
 set the next training loader reads (``serve``). ``setup`` only loads and checks the documents; tokenising
 waits for the first need, since Lightning runs ``datamodule.setup`` before the callbacks' ``setup``.
 
-Several processes (DDP): the calibration loader carries its own ``DistributedSampler`` with
-``shuffle=False`` (Lightning would otherwise inject a SHUFFLED one for training loaders), so rank r
+Several processes (DDP), or a distributed strategy on one process: the calibration loader carries its own
+``DistributedSampler`` with ``shuffle=False`` (Lightning would otherwise inject a SHUFFLED one for
+training loaders, on one process too: the passes would then differ from a plain run's), so rank r
 reads sequences r, r+N, r+2N, ... in order; when N does not divide the set, the sampler pads it with
 repeated sequences (as every ``DistributedSampler`` does). Evaluation loaders get Lightning's own
 (non-shuffled) ``DistributedSampler``, which pads the same way, so a perplexity on N processes may count
@@ -33,6 +34,7 @@ from typing import Iterable, Optional, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
@@ -326,7 +328,10 @@ class CalibrationDataModule(L.LightningDataModule):
             raise ValueError(f"this pass reads the {name} calibration set, but the datamodule was given no {name} source")
         dataset = TokenBlocks(self.calibration[name])
         trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
+        # Under any distributed strategy, one process included, Lightning replaces a plain loader's sampler
+        # with a SHUFFLING DistributedSampler: the passes would then see another order than a plain run
+        # (a different dual pass). A DistributedSampler of our own, in order, is kept as given.
+        if trainer is not None and (trainer.world_size > 1 or isinstance(trainer.strategy, ParallelStrategy)):
             if self._every_rank_reads_all:
                 # FSDP: every rank reads every sequence (one replica; Lightning keeps a DistributedSampler as given)
                 sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)

@@ -23,9 +23,10 @@ except ImportError:  # pragma: no cover - Lightning < 2.4
 
 
 def fsdp_mesh(trainer: Optional[L.Trainer], module: L.LightningModule):
-    """The 1-D mesh to shard over when ``trainer`` runs :class:`ModelParallelStrategy` on several
-    processes, else None; refuses a tensor-parallel split (the passes need whole rows per rank)."""
-    if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy) or trainer.world_size <= 1:
+    """The 1-D mesh to shard over when ``trainer`` runs :class:`ModelParallelStrategy` (on one process too:
+    a mesh of one rank runs the same FSDP2 code, which is how one GPU checks it), else None; refuses a
+    tensor-parallel split (the passes need whole rows per rank)."""
+    if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
         return None
     mesh = module.device_mesh
     if mesh["tensor_parallel"].size() != 1:

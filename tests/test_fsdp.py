@@ -107,12 +107,13 @@ from dpruner_lightning.module import DPrunerModule
 from dpruner_lightning.quiet import install_known_filters
 from tests.helpers import smoke_data, tiny_spec
 
-devices, out = int(sys.argv[1]), sys.argv[2]
+devices, out, how = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 install_known_filters()
 module = DPrunerModule(model=tiny_spec(), method=DPrunerMethod(alpha=0.05, lambda_reg=0.1, max_grad_norm=1.0),
                        mask=MaskSpec(sparsity=0.5),
                        output=OutputSpec(export_model=True, save_importance=True, save_masks=True))
-strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
+strategy = {"fsdp": ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1), "plain": "auto",
+            "ddp": "ddp"}[how]
 trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, **module.trainer_kwargs(), logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                     num_sanity_val_steps=0, default_root_dir=out)
@@ -120,12 +121,15 @@ trainer.fit(module, smoke_data(batch_size=1))
 trainer.validate(module, smoke_data(batch_size=1), verbose=False)
 if trainer.is_global_zero:
     print("PPL", module.perplexities)
+    print("SHARDED", module.method.sharded)
 '''
 
 
 def test_lightning_fsdp_fit_on_two_processes_equals_one_process(tmp_path):
-    """``ModelParallelStrategy`` (FSDP2) on 2 CPU processes: the same masks, importance, exported model and
-    perplexities as one process (the script runs as its own program: the strategy relaunches it per rank)."""
+    """``ModelParallelStrategy`` (FSDP2) on 2 CPU processes, and on one (a mesh of one rank: how one GPU
+    checks the FSDP code), and DDP on one process: the same masks, importance, exported model and
+    perplexities as a plain process (the script runs as its own program: the strategy relaunches it per
+    rank). Under a distributed strategy on one process Lightning used to shuffle the calibration order."""
     import subprocess
     import sys
 
@@ -138,23 +142,23 @@ def test_lightning_fsdp_fit_on_two_processes_equals_one_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
                OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
     ppl = {}
-    for devices in (1, 2):
-        out = tmp_path / f"d{devices}"
-        run = subprocess.run([sys.executable, str(script), str(devices), str(out)], env=env, capture_output=True, text=True,
-                             timeout=600, cwd=tmp_path)
+    for key, devices, how in (("plain", 1, "plain"), ("fsdp1", 1, "fsdp"), ("fsdp2", 2, "fsdp"), ("ddp1", 1, "ddp")):
+        run = subprocess.run([sys.executable, str(script), str(devices), str(tmp_path / key), how], env=env,
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
-        ppl[devices] = ast.literal_eval(next(line[4:] for line in run.stdout.splitlines() if line.startswith("PPL ")))
-    one, two = tmp_path / "d1", tmp_path / "d2"
-    for name in ("masks.safetensors", "general_importance.safetensors", "dual_importance.safetensors",
-                 "pruned_model/model.safetensors"):
-        a, b = load_file(one / name), load_file(two / name)
-        assert a.keys() == b.keys(), name
-        for key in a:
-            if a[key].dtype == torch.bool or "masks" in name:
-                assert torch.equal(a[key], b[key]), f"{name}: {key}"
-            else:
-                torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
-    # dense and pruned perplexities agree exactly; the tuned model (after the SGD steps) up to the order of
-    # the clip norm's sum over the ranks' rows
-    assert ppl[1]["dense"] == ppl[2]["dense"] and ppl[1]["pruned"] == ppl[2]["pruned"], ppl
-    assert ppl[2]["tuned"] == pytest.approx(ppl[1]["tuned"], rel=1e-5), ppl
+        ppl[key] = ast.literal_eval(next(line[4:] for line in run.stdout.splitlines() if line.startswith("PPL ")))
+        assert f"SHARDED {how == 'fsdp'}" in run.stdout  # the FSDP2 path really ran (one rank included)
+    for key in ("fsdp1", "fsdp2", "ddp1"):
+        for name in ("masks.safetensors", "general_importance.safetensors", "dual_importance.safetensors",
+                     "pruned_model/model.safetensors"):
+            a, b = load_file(tmp_path / "plain" / name), load_file(tmp_path / key / name)
+            assert a.keys() == b.keys(), name
+            for k in a:
+                if a[k].dtype == torch.bool or "masks" in name:
+                    assert torch.equal(a[k], b[k]), f"{key} {name}: {k}"
+                else:
+                    torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{key} {name}: {k}")
+        # dense and pruned perplexities agree exactly; the tuned model (after the SGD steps) up to the order of
+        # the clip norm's sum over the ranks' rows
+        assert ppl[key]["dense"] == ppl["plain"]["dense"] and ppl[key]["pruned"] == ppl["plain"]["pruned"], ppl
+        assert ppl[key]["tuned"] == pytest.approx(ppl["plain"]["tuned"], rel=1e-5), ppl

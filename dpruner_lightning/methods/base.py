@@ -274,7 +274,7 @@ class PruningMethod:
             if self.structured or not self.multi_process:
                 raise NotImplementedError(
                     f"{self!r} on an FSDP-sharded model: structured pruning, SparseGPT, reconstruct and "
-                    "selection: sequential need whole matrices on one process. Run it on one process (or with "
+                    "selection: sequential need whole matrices on one process. Run it without ModelParallelStrategy (or with "
                     "strategy: ddp, where the calibration passes of all but SparseGPT / reconstruct run).")
 
     @property
