@@ -52,3 +52,18 @@ def token_batches(seed: int, n: int, batch: int = 2, seq_len: int = 16, vocab: i
     """``n`` seeded ``[batch, seq_len]`` batches of random token ids (the tiny models' vocabulary)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (batch, seq_len), generator=g) for _ in range(n)]
+
+
+def fused_kernels_compile(device: str) -> bool:
+    """Whether ``kernels: compiled`` can build its kernels on ``device`` here: a C++ compiler for the CPU
+    (inductor's ``$CXX``, default g++), Triton for CUDA."""
+    import os
+    import shutil
+
+    if device == "cpu":
+        return shutil.which(os.environ.get("CXX", "g++")) is not None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -15,24 +15,30 @@ from dpruner_lightning.methods import DPrunerMethod
 from dpruner_lightning.pruning import calibrate
 
 from .conftest import tiny_model
-from .helpers import token_batches
+from .helpers import fused_kernels_compile, token_batches
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _run(model, **kw):
     method = DPrunerMethod(**kw)
     targets = find_targets(model)
     method.prepare(model, targets)
-    batches = {"general": token_batches(0, 3), "domain": token_batches(1, 3)}
+    device = next(model.parameters()).device
+    batches = {source: [b.to(device) for b in token_batches(seed, 3)] for seed, source in enumerate(("general", "domain"))}
     calibrate(model, targets, method, batches)
     return method, targets
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,kw", [
     (torch.bfloat16, dict(alpha=1e-2, lambda_reg=5.0, max_grad_norm=0.05)),  # fp32 masters, proximal, clipped
     (torch.float32, dict(alpha=1e-2, lambda_reg=5.0, update="sgd")),  # the weights themselves, plain SGD
 ], ids=["bf16-proximal-clip", "fp32-sgd"])
-def test_compiled_kernels_match_the_eager_arithmetic(dtype, kw):
-    base = tiny_model("llama").to(dtype)
+def test_compiled_kernels_match_the_eager_arithmetic(dtype, kw, device):
+    if not fused_kernels_compile(device):
+        pytest.skip(f"torch.compile cannot build kernels on {device} here (no C++ compiler / Triton)")
+    base = tiny_model("llama").to(dtype).to(device)
     eager, t_eager = _run(copy.deepcopy(base), kernels="eager", **kw)
     compiled, t_compiled = _run(copy.deepcopy(base), kernels="compiled", **kw)
     assert compiled._fused and not eager._fused  # the compiled run really took the fused path
