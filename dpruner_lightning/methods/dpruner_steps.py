@@ -86,12 +86,12 @@ class DPrunerSteps(PruningMethod):
         step's statistics."""
         task_sq, clip = None, 1.0
         if not self.gradients_hooked:
-            grads = [t.weight_view(t.weight.grad) for t in self.targets.values() if t.weight.grad is not None]
             # max_grad_norm clips the TASK gradient of the step (global norm over the targets), before the
             # regulariser and the proximal division, so the step is the closed form with a clipped g_task.
             # That norm is needed before any step: a pass of its own, and one host sync per step.
             if self.max_grad_norm:
-                task_sq = sum(torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads)
+                task_sq = sum(torch.linalg.vector_norm(t.weight_view(t.weight.grad), dtype=torch.float32).square()
+                              for t in self.targets.values() if t.weight.grad is not None)
                 if self.sharded:  # the norm of the whole gradient: every rank's rows
                     self.shard_sum(task_sq)
                 clip = min(1.0, self.max_grad_norm / max(float(task_sq.sqrt()), 1e-30))
