@@ -154,3 +154,12 @@ def test_no_import_cycles_between_package_modules():
     for m in sorted(graph):
         if not m.endswith("__init__") and m != "dpruner_lightning":
             visit(m)
+
+
+def test_a_missing_gradient_is_an_error_not_the_weight():
+    for family in ("llama", "gpt2"):  # nn.Linear and GPT-2's transposed Conv1D
+        target = next(iter(find_targets(tiny_model(family)).values()))
+        with pytest.raises(RuntimeError, match="has no gradient"):
+            target.grad_view()
+        target.weight.grad = torch.ones_like(target.weight)
+        assert target.grad_view().shape == target.weight_view().shape

@@ -60,6 +60,14 @@ class Target:
         t = local_shard(self.module.weight if tensor is None else tensor)
         return t.t() if self.transposed else t
 
+    def grad_view(self) -> torch.Tensor:
+        """The weight's gradient seen as ``out x in`` (like :meth:`weight_view`). Raises when there is none:
+        ``weight_view(weight.grad)`` would then silently give the weight itself."""
+        grad = self.module.weight.grad
+        if grad is None:
+            raise RuntimeError(f"target {self.name!r} has no gradient: no backward reached it since it was last freed")
+        return self.weight_view(grad)
+
     def to_storage(self, tensor_out_in: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`weight_view` for a tensor laid out ``out x in``."""
         return tensor_out_in.t() if self.transposed else tensor_out_in

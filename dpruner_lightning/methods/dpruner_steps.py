@@ -72,7 +72,7 @@ class DPrunerSteps(PruningMethod):
     @torch.no_grad()
     def _taylor_matrix(self, name: str, t) -> None:
         """Add one target's micro-batch gradient to its Taylor sums and free it (this pass takes no step)."""
-        state, grad = self._taylor[name], t.weight_view(t.weight.grad)
+        state, grad = self._taylor[name], t.grad_view()
         if self._fused and state.count > 0 and fused.fusable(grad, state.grad_sum, state.sq_sum):
             fused.taylor_update_(grad, state.grad_sum, state.sq_sum)
             state.count += 1
@@ -90,7 +90,7 @@ class DPrunerSteps(PruningMethod):
             # regulariser and the proximal division, so the step is the closed form with a clipped g_task.
             # That norm is needed before any step: a pass of its own, and one host sync per step.
             if self.max_grad_norm:
-                task_sq = sum(torch.linalg.vector_norm(t.weight_view(t.weight.grad), dtype=torch.float32).square()
+                task_sq = sum(torch.linalg.vector_norm(t.grad_view(), dtype=torch.float32).square()
                               for t in self.targets.values() if t.weight.grad is not None)
                 if self.sharded:  # the norm of the whole gradient: every rank's rows
                     self.shard_sum(task_sq)
@@ -114,7 +114,7 @@ class DPrunerSteps(PruningMethod):
         else :func:`~..algorithms.importance.dual_step_` where the state lives (``state_device``), in three
         reused fp32 buffers (:meth:`scratch`). ``task_norm``: add the task gradient's squared norm to the
         step statistics (not when the clip already computed it)."""
-        grad, score, norms = t.weight_view(t.weight.grad), self.dual[name], self._norms
+        grad, score, norms = t.grad_view(), self.dual[name], self._norms
         c, proximal = 2.0 * self.alpha * self.lambda_reg, self._proximal
         if self._fused and fused.fusable(grad, score, self.general[name], self.original[name], t.weight_view(),
                                          self.master.get(name)):
