@@ -19,9 +19,13 @@ first micro-batch and turns a platform that cannot compile into a clear error th
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _COMPILED: dict[str, object] = {}
 
@@ -112,6 +116,7 @@ def warm_up(device: torch.device, weight_dtype: torch.dtype, dual: bool, master:
     compile (e.g. no C++ compiler for the CPU backend, no Triton for CUDA)."""
     shape = (1 << 16,)  # the kernel is reused for every size (dynamic shapes); its first size guides the code
     # it generates (a tiny one made the CPU kernel single-threaded, 30% slower on the real matrices)
+    t0 = time.perf_counter()
     try:
         w = torch.zeros(shape, dtype=weight_dtype, device=device)
         f = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(3)]
@@ -124,3 +129,7 @@ def warm_up(device: torch.device, weight_dtype: torch.dtype, dual: bool, master:
         raise RuntimeError(f"kernels: compiled needs torch.compile to work on {device} ({type(err).__name__}: "
                            f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}); set kernels: eager "
                            "(the same results, more memory traffic per step)") from err
+    seconds = time.perf_counter() - t0
+    if seconds > 1.0:  # a real compile, not a cache hit: say where the pause went
+        log.info("fused %s kernel compiled for %s in %.1f s (once per process)", "dual-step" if dual else "Taylor",
+                 device, seconds)
