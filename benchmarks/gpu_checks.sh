@@ -6,7 +6,8 @@
 #   OUT=/path/to/results bash benchmarks/gpu_checks.sh          # from the repository root
 #
 # No install: the package is imported from the checkout (PYTHONPATH). It needs torch with CUDA,
-# lightning, transformers, torchmetrics and numpy, which the device image has. A failing check does
+# lightning, transformers, torchmetrics, safetensors and numpy, which the device image has (checked in a
+# venv with only those, no jsonargparse or datasets: everything runs, the CLI test skips). A failing check does
 # not stop the others: each writes $OUT/<check>.log, and $OUT/summary.txt holds every check's exit code.
 # What each check shows:
 #   tests       the tests' CUDA variants: state in pinned host memory, fused kernels through Triton,
@@ -43,7 +44,7 @@ run() {  # run NAME SECONDS COMMAND...: the command's output to $OUT/NAME.log, i
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-run tests 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_fused_kernels.py tests/test_state_device.py tests/test_precision.py
+run tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_state_device.py tests/test_precision.py
 run scale_7b 270 python3 benchmarks/scale.py --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --tokens 64 \
     --seq-len "$SEQ" --batch-size 4 --checkpointing --repeats 1
 run scale_7b_eager 100 python3 benchmarks/scale.py --shape "$SHAPE" --device "$DEVICE" --dtype bfloat16 --tokens 16 \

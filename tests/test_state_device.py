@@ -177,6 +177,7 @@ def test_estimate_reports_host_state_apart_and_checks_only_device_bytes_against_
 
 
 def test_state_device_is_a_yaml_setting(tmp_path, monkeypatch):
+    pytest.importorskip("jsonargparse", reason="the CLI's parser (the [test] extra installs it; the GPU image has none)")
     from dpruner_lightning.lightning_cli import DPrunerCLI
 
     from .conftest import REPO
