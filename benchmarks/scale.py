@@ -61,7 +61,7 @@ SHAPES: dict[str, dict] = {
 GIB = 2**30
 
 
-def build_method(name: str, accumulators: str, lr: float, kernels: str = "auto"):
+def build_method(name: str, accumulators: str, lr: float, kernels: str = "auto", general_dtype: str = "float32"):
     """The registered method ``name`` (``lr``: its ``alpha``, if it has one); ``accumulators`` ``cpu``
     sets ``state_device: cpu`` and ``kernels`` its ``kernels`` (parse_args refuses either for a method
     without that setting)."""
@@ -71,6 +71,8 @@ def build_method(name: str, accumulators: str, lr: float, kernels: str = "auto")
         kwargs["state_device"] = "cpu"
     if kernels != "auto":
         kwargs["kernels"] = kernels
+    if general_dtype != "float32":
+        kwargs["general_dtype"] = general_dtype
     if "alpha" in inspect.signature(cls.__init__).parameters:
         kwargs["alpha"] = lr
     return make_method(name, **kwargs)
@@ -92,6 +94,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                     help="where the method keeps its accumulators, W0 and fp32 masters (state_device)")
     ap.add_argument("--kernels", choices=["auto", "eager", "compiled"], default="auto",
                     help="D-PRUNER's per-step arithmetic: fused torch.compile kernels or eager ops (auto: compiled on CUDA)")
+    ap.add_argument("--general-dtype", choices=["float32", "weights"], default="float32",
+                    help="D-PRUNER's G during the dual pass: fp32 or the model's dtype (2 bytes less per target weight)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N for every timing")
     ap.add_argument("--lr", type=float, default=3e-4, help="SGD learning rate of the dual pass and its bare loop")
     ap.add_argument("--threads", type=int, default=None,
@@ -102,8 +106,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.accumulators == "cpu" and "state_device" not in inspect.signature(METHODS[args.method].__init__).parameters:
         ap.error(f"--accumulators cpu: {args.method} keeps no accumulators to move (it has no state_device setting)")
-    if args.kernels != "auto" and "kernels" not in inspect.signature(METHODS[args.method].__init__).parameters:
-        ap.error(f"--kernels: {args.method} has no kernels setting")
+    for flag, default in (("kernels", "auto"), ("general_dtype", "float32")):
+        if getattr(args, flag) != default and flag not in inspect.signature(METHODS[args.method].__init__).parameters:
+            ap.error(f"--{flag.replace('_', '-')}: {args.method} has no {flag} setting")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here (use --device cpu)")
     if args.seq_len > SHAPES[args.shape]["max_position_embeddings"]:
@@ -119,7 +124,7 @@ def run_ours(spec: ModelSpec, dm: CalibrationDataModule, args: argparse.Namespac
         release_memory()
         base["bytes"] = PeakMemory(args.device).start().start_bytes
 
-    method = build_method(args.method, args.accumulators, args.lr, args.kernels)
+    method = build_method(args.method, args.accumulators, args.lr, args.kernels, args.general_dtype)
     module = fit_ours(spec, dm, method, accelerator="gpu" if args.device.startswith("cuda") else "cpu",
                       before_fit=before_fit, callbacks=[clock])
     return module, clock, base["bytes"]
@@ -165,13 +170,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         del model
         release_memory()
 
-    method = build_method(args.method, args.accumulators, args.lr, args.kernels)
+    method = build_method(args.method, args.accumulators, args.lr, args.kernels, args.general_dtype)
     method.gradients_final_in_backward = in_backward
     estimate = estimate_memory(spec, method, TargetSpec(), args.batch_size, args.seq_len)
     tokens = args.tokens * args.seq_len
     print(f"shape {args.shape}, {args.dtype} on {device}, method {args.method}, {args.tokens} x {args.seq_len} tokens per "
           f"pass, micro-batch {args.batch_size}, checkpointing {args.checkpointing}, accumulators {args.accumulators}, "
-          f"kernels {args.kernels}, {torch.get_num_threads()} threads, best of {args.repeats}")
+          f"kernels {args.kernels}, G {args.general_dtype}, {torch.get_num_threads()} threads, best of {args.repeats}")
     out: dict = {"ratio": {}, "cpu_ratio": {}, "tokens_per_s": {}}
     for p in passes:
         (o_wall, o_cpu), (b_wall, b_cpu) = ([min(t[i] for t in runs[p.name]) for i in (0, 1)] for runs in (ours, bare))

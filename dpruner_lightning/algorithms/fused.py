@@ -40,6 +40,7 @@ def _dual_step(grad: torch.Tensor, general: torch.Tensor, score: torch.Tensor, w
                weight: torch.Tensor, master: Optional[torch.Tensor], k: torch.Tensor, clip: torch.Tensor,
                lr: torch.Tensor, c: torch.Tensor, proximal: bool, stats: bool):
     task = grad.float()
+    general = general.float()  # a 16-bit G (general_dtype 'weights'): 1 + cG must not round in 16 bits
     current = master if master is not None else weight.float()
     drift = general * (current - weight0.float())  # G (W - W0)
     total = task + k * drift  # the gradient of L_ours, unclipped: S uses it
@@ -110,7 +111,7 @@ def dual_scalars(k: float, clip: float, lr: float, c: float, device: torch.devic
 
 
 def warm_up(device: torch.device, weight_dtype: torch.dtype, dual: bool, master: bool, proximal: bool = True,
-            stats: bool = False) -> None:
+            stats: bool = False, general_dtype: torch.dtype = torch.float32) -> None:
     """Compile the kernel a pass will use (on small tensors of the same dtypes, so the real matrices reuse
     it) before its first micro-batch; raises a RuntimeError naming the fix when this platform cannot
     compile (e.g. no C++ compiler for the CPU backend, no Triton for CUDA)."""
@@ -123,7 +124,7 @@ def warm_up(device: torch.device, weight_dtype: torch.dtype, dual: bool, master:
         if not dual:
             taylor_update_(w, f[0], f[1])
         else:
-            dual_step_(w, f[0], f[1], w.clone(), w.clone(), f[2] if master else None,
+            dual_step_(w, f[0].to(general_dtype), f[1], w.clone(), w.clone(), f[2] if master else None,
                        dual_scalars(0.0, 1.0, 0.0, 0.0, device), proximal, stats)
     except Exception as err:  # torch.compile fails in many ways (missing compiler, backend errors)
         raise RuntimeError(f"kernels: compiled needs torch.compile to work on {device} ({type(err).__name__}: "

@@ -175,7 +175,8 @@ def dual_step_(grad: torch.Tensor, general: torch.Tensor, score: torch.Tensor, w
     if not take_step:
         return None
     if proximal:  # step / (1 + cG) = (step / (G + 1/c)) / c: the 1/c goes into the update, one pass less
-        step.div_(torch.add(general, 1.0 / c, out=C))
+        # G + 1/c in fp32 (a 16-bit G, general_dtype 'weights', would round the sum to 1/c's spacing)
+        step.div_(torch.add(general, 1.0 / c, out=C) if general.dtype == torch.float32 else C.copy_(general).add_(1.0 / c))
         return step, 1.0 / c
     return step, 1.0
 

@@ -39,7 +39,7 @@ class DPrunerSteps(PruningMethod):
                                                2.0 * self.alpha * self.lambda_reg if self._proximal else 0.0, weight.device)
             for stats in {False, self.step_stats}:  # the logging steps' variant too, when something logs
                 fused.warm_up(weight.device, weight.dtype, dual, master=bool(self.master), proximal=self._proximal,
-                              stats=stats)
+                              stats=stats, general_dtype=next(iter(self.general.values())).dtype if dual else torch.float32)
         if self._in_backward(dual):
             consume = self._dual_matrix if dual else self._taylor_matrix
             self.hook_gradients({n: t.weight for n, t in self.targets.items()}, lambda n: consume(n, self.targets[n]))
