@@ -146,13 +146,19 @@ def check_schedule(trainer: L.Trainer, pl_module) -> None:
                          "L.Trainer(**module.trainer_kwargs(), ...) or call module.configure_trainer(trainer) before fit")
 
 
+def active_loss_scaler(trainer: L.Trainer):
+    """The precision plugin's loss scaler when one is enabled (``16-mixed``), else None."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
 def unscale_gradients(trainer: L.Trainer, pl_module) -> bool:
     """Under ``16-mixed`` Lightning scales the loss in ``manual_backward`` and unscales only when an
     optimizer steps: divide the target gradients by the scale before any method reads them (the scale
     would otherwise enter G, S and the step). A non-finite gradient means the scale overflowed: the
     micro-batch is dropped (gradients cleared) and the scale backed off. Returns whether to go on."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
+    scaler = active_loss_scaler(trainer)
+    if scaler is None:
         return True
     scale = float(scaler.get_scale())
     grads = [t.weight.grad for t in pl_module.targets.values() if t.weight.grad is not None]
@@ -170,9 +176,8 @@ def unscale_gradients(trainer: L.Trainer, pl_module) -> bool:
 def gradients_final_in_backward(trainer: L.Trainer) -> bool:
     """One unsharded process and no loss scaler: a target gradient is final as soon as autograd has computed
     it (no all-reduce, unscaling or overflow check comes after), so a method may consume it right there."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
     return (trainer.world_size == 1 and not isinstance(trainer.strategy, ModelParallelStrategy)
-            and (scaler is None or not scaler.is_enabled()))
+            and active_loss_scaler(trainer) is None)
 
 
 class CalibrationPasses(L.Callback):

@@ -331,7 +331,7 @@ class CalibrationDataModule(L.LightningDataModule):
         # Under any distributed strategy, one process included, Lightning replaces a plain loader's sampler
         # with a SHUFFLING DistributedSampler: the passes would then see another order than a plain run
         # (a different dual pass). A DistributedSampler of our own, in order, is kept as given.
-        if trainer is not None and (trainer.world_size > 1 or isinstance(trainer.strategy, ParallelStrategy)):
+        if trainer is not None and isinstance(trainer.strategy, ParallelStrategy):  # several processes are one too
             if self._every_rank_reads_all:
                 # FSDP: every rank reads every sequence (one replica; Lightning keeps a DistributedSampler as given)
                 sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)

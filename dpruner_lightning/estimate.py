@@ -114,7 +114,7 @@ def estimate_memory(spec: ModelSpec, method: PruningMethod, targets: TargetSpec,
         if id(p) not in seen:
             seen.add(id(p))
             weights += p.numel() * dtype_bytes
-    grad = any(p.mode in ("backward", "sgd") for p in method.passes())
+    grad = method.has_gradient_pass()
     on_device, on_host = method.state_bytes_by_place(shapes, dtype_bytes)
     return MemoryEstimate(weights=weights, gradients=method.gradient_bytes(shapes, dtype_bytes),
                           method_state=on_device, host_state=on_host,

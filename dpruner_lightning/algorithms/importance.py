@@ -17,7 +17,7 @@ silently records a graph that keeps every temporary alive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -179,20 +179,3 @@ def dual_step_(grad: torch.Tensor, general: torch.Tensor, score: torch.Tensor, w
         step.div_(torch.add(general, 1.0 / c, out=C) if general.dtype == torch.float32 else C.copy_(general).add_(1.0 / c))
         return step, 1.0 / c
     return step, 1.0
-
-
-@dataclass
-class DualStepStats:
-    """Norms logged per step so users can see whether G actually shapes S."""
-
-    task_grad_norm_sq: float = 0.0
-    reg_grad_norm_sq: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def task_grad_norm(self) -> float:
-        return self.task_grad_norm_sq**0.5
-
-    @property
-    def reg_grad_norm(self) -> float:
-        return self.reg_grad_norm_sq**0.5

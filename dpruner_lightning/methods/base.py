@@ -114,6 +114,7 @@ class PruningMethod:
         #: Calibration ``input_ids`` by source, gathered by the ``collect`` passes.
         self.batches: dict[str, list[torch.Tensor]] = {}
         self._scratch: dict[torch.device, list[torch.Tensor]] = {}
+        self._hooks: list = []  # post-accumulate-grad hooks of the running pass (hook_gradients)
 
     @property
     def stats_now(self) -> bool:
@@ -178,18 +179,24 @@ class PruningMethod:
         """Bytes of ``count`` :meth:`scratch` buffers for targets of these shapes (memory estimate)."""
         return max((r * c for r, c in shapes.values()), default=0) * 4 * count
 
+    def has_gradient_pass(self) -> bool:
+        """Whether any pass runs a backward (only then do gradients and a backward's activations exist)."""
+        return any(p.mode in ("backward", "sgd") for p in self.passes())
+
     def gradient_bytes(self, shapes: Mapping[str, tuple[int, int]], weight_bytes: int) -> int:
-        """Peak bytes of target gradients in the method's gradient passes (memory estimate): every target's
-        (in the model's dtype) by default, none without a gradient pass."""
-        if not any(p.mode in ("backward", "sgd") for p in self.passes()):
+        """Peak bytes of target gradients in the method's gradient passes (memory estimate), in the model's
+        dtype: none without a gradient pass; when :meth:`consumes_every_gradient_in_backward`, the largest
+        target's twice (the one being consumed and the next one autograd computes); else every target's."""
+        if not self.has_gradient_pass():
             return 0
+        if self.consumes_every_gradient_in_backward():
+            return 2 * max((r * c for r, c in shapes.values()), default=0) * weight_bytes
         return sum(r * c for r, c in shapes.values()) * weight_bytes
 
-    @staticmethod
-    def largest_gradients_bytes(shapes: Mapping[str, tuple[int, int]], weight_bytes: int) -> int:
-        """:meth:`gradient_bytes` when every gradient is consumed in the backward: the largest target's,
-        twice (the one being consumed and the next one autograd computes)."""
-        return 2 * max((r * c for r, c in shapes.values()), default=0) * weight_bytes
+    def consumes_every_gradient_in_backward(self) -> bool:
+        """Whether every gradient pass consumes (and frees) each gradient in a hook during the backward
+        (:meth:`hook_gradients`). Default: no; methods that hook their gradients override it."""
+        return False
 
     @property
     def consumes_in_backward(self) -> bool:
@@ -206,13 +213,13 @@ class PruningMethod:
                        for name, param in params.items()]
 
     def unhook_gradients(self) -> None:
-        for hook in getattr(self, "_hooks", []):
+        for hook in self._hooks:
             hook.remove()
         self._hooks = []
 
     @property
     def gradients_hooked(self) -> bool:
-        return bool(getattr(self, "_hooks", None))
+        return bool(self._hooks)
 
     def check_mask_spec(self, spec: MaskSpec) -> None:
         """Reject mask settings the method cannot honour; called when the module is built (before compute)."""

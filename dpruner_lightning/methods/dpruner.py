@@ -222,7 +222,7 @@ class DPrunerMethod(DPrunerSteps):
                 # uninitialised: the first gradient is written over them (no zero-fill of 8 bytes per weight)
                 self._taylor = {n: TaylorState(self.new_state(t.weight_view(), zero=False),
                                                self.new_state(t.weight_view(), zero=False)) for n, t in self.targets.items()}
-                self._start_kernels(dual=False)
+                self._prepare_consumers(dual=False)
             else:
                 self._stats = InputStatistics(self.targets, kind="hessian", device="cpu" if self.state_device == "cpu" else None)
                 self._stats.attach()
@@ -238,7 +238,7 @@ class DPrunerMethod(DPrunerSteps):
             # the dual pass updates fp32 master copies and writes them back rounded (see sgd_step).
             self.master = {n: self.copy_to_state(t.weight_view().detach(), torch.float32) for n, t in self.targets.items()
                            if t.weight.dtype != torch.float32 and self.learning_rate > 0}
-            self._start_kernels(dual=True)
+            self._prepare_consumers(dual=True)
 
     def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum) -> None:
         all_reduce_sum = self.state_collective(all_reduce_sum)

@@ -20,7 +20,7 @@ from .base import CalibrationPass, PruningMethod, send_
 class DPrunerSteps(PruningMethod):
     """The per-micro-batch machinery of :class:`~.dpruner.DPrunerMethod` (which sets every attribute used here)."""
 
-    def _start_kernels(self, dual: bool) -> None:
+    def _prepare_consumers(self, dual: bool) -> None:
         """Set up how this pass consumes each gradient: whether it runs the fused kernels (``kernels``; they
         are compiled now, before the first micro-batch, so a platform that cannot compile fails here; the dual
         kernel takes the step itself, so one process or FSDP, with a learning rate), and whether it does so
@@ -51,10 +51,8 @@ class DPrunerSteps(PruningMethod):
             return False
         return not self.max_grad_norm if dual else self.general_estimator == "taylor"
 
-    def gradient_bytes(self, shapes, weight_bytes: int) -> int:
-        if self._in_backward(dual=True) and self._in_backward(dual=False):
-            return self.largest_gradients_bytes(shapes, weight_bytes)
-        return super().gradient_bytes(shapes, weight_bytes)
+    def consumes_every_gradient_in_backward(self) -> bool:
+        return self._in_backward(dual=True) and self._in_backward(dual=False)
 
     @property
     def _proximal(self) -> bool:

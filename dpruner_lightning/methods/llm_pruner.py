@@ -117,10 +117,8 @@ class LLMPrunerMethod(PruningMethod):
         self._grads[name].add_(param.grad.to(self._grads[name].device))
         param.grad = None
 
-    def gradient_bytes(self, shapes, weight_bytes: int) -> int:
-        if self.consumes_in_backward:
-            return self.largest_gradients_bytes(shapes, weight_bytes)
-        return super().gradient_bytes(shapes, weight_bytes)
+    def consumes_every_gradient_in_backward(self) -> bool:
+        return self.consumes_in_backward
 
     def reduce_across_ranks(self, p: CalibrationPass, all_reduce_sum) -> None:
         all_reduce_sum = self.state_collective(all_reduce_sum)
