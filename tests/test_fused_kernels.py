@@ -118,3 +118,46 @@ def test_g_in_the_weights_dtype_saves_memory_and_barely_moves_s(kernels):
     assert DPrunerMethod(alpha=1e-2, lambda_reg=5.0).load_artifacts(groups, repr(compact)) == []  # rounded G: not reused
     with pytest.raises(ValueError, match="general_dtype must be 'float32' or 'weights'"):
         DPrunerMethod(general_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_kernels_run_from_another_thread_without_recompiling(device):
+    """On an accelerator, autograd runs the post-accumulate-grad hooks (and so the fused dual step) on its
+    own device thread, not on the thread that compiled the kernels: a second thread gets the same
+    results from the same compiled kernel."""
+    import threading
+
+    from torch._dynamo.utils import counters
+
+    if not fused_kernels_compile(device):
+        pytest.skip(f"torch.compile cannot build kernels on {device} here (no C++ compiler / Triton)")
+    fused.warm_up(torch.device(device), torch.bfloat16, dual=True, master=True, proximal=True)
+    gen = torch.Generator().manual_seed(0)
+
+    def operands():
+        weight = torch.randn(96, 80, generator=gen).to(torch.bfloat16)
+        return [t.to(device) for t in (torch.randn(96, 80, generator=gen).to(torch.bfloat16), torch.rand(96, 80, generator=gen),
+                                       torch.zeros(96, 80), weight.clone(), weight, weight.float())]
+
+    scalars = fused.dual_scalars(1.0, 1.0, 1e-2, 2e-2, torch.device(device))
+    here = operands()
+    there = [t.clone() for t in here]
+    start = here[5].clone()
+    graphs = counters["stats"]["unique_graphs"]
+    fused.dual_step_(*here, scalars, True, False)
+    errors: list[BaseException] = []
+
+    def step() -> None:
+        try:
+            fused.dual_step_(*there, scalars, True, False)
+        except BaseException as err:  # surfaces in the main thread below
+            errors.append(err)
+
+    worker = threading.Thread(target=step)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's kernel served both threads
+    for a, b in zip(here, there):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert float(here[2].abs().sum()) > 0 and not torch.equal(here[5], start)  # S and the master moved
