@@ -11,7 +11,8 @@ for D-PRUNER's dual pass, forward only for a forward pass). Prints, per pass::
 
 ``ratio`` is best-of-N wall time (the ratio of each repeat is printed too); ``cpu_ratio`` the same with
 process CPU seconds; ``step_seconds`` the median step of each side (ours: forward, backward, the
-method's per-step hooks and its update), which leaves out the once-per-pass work. Then
+method's per-step hooks and its update), which leaves out the once-per-pass work, and ``step_ratio`` their
+ratio (the steady state). Then
 ``mask_seconds <s>`` and ``peak <GiB> estimate <GiB>``: the largest per-phase peak of
 :class:`~dpruner_lightning.memory.PeakMemory` (passes and masks; the smallest over repeats) over what
 was in use before the model was loaded (on the CPU: the process's resident set, so the Python runtime,
@@ -198,8 +199,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f"(bare: {BARE_DESCRIPTION[BARE_MODE[p.mode]]}; wall ratio per repeat {spread})")
         print(f"cpu_ratio {p.name} {out['cpu_ratio'][p.name]:.2f}")
         o_steps, b_steps = steps[p.name]
+        out.setdefault("step_ratio", {})[p.name] = statistics.median(o_steps) / statistics.median(b_steps)
         print(f"step_seconds {p.name} ours {statistics.median(o_steps):.3f} bare {statistics.median(b_steps):.3f}  "
               f"(medians of {len(o_steps)} and {len(b_steps)} steps: ours also runs the method's per-step hooks)")
+        print(f"step_ratio {p.name} {out['step_ratio'][p.name]:.2f}  (the steady state: the once-per-pass work and the "
+              "slow first steps after it left out)")
         print(f"ratio {p.name} {out['ratio'][p.name]:.2f}")
     print(f"warmup_seconds {warmup_seconds:.1f}  (one tiny fit first: compiles the fused kernels, if any, once per process)")
     out["mask_seconds"] = min(mask_seconds)

@@ -27,6 +27,9 @@ def test_scale_benchmark_prints_ratios_mask_seconds_and_peak_against_the_estimat
     for name, value in ratios.items():
         assert math.isfinite(float(value)) and float(value) > 0, name
         assert float(value) == round(result["ratio"][name], 2)
+    steps = dict(re.findall(r"^step_ratio (\w+) (\S+)  ", out, re.M))
+    assert {name: float(v) for name, v in steps.items()} == {name: round(v, 2) for name, v in result["step_ratio"].items()}
+    assert set(steps) == {"general", "dual"} and all(float(v) > 0 for v in steps.values())
     assert re.search(r"^mask_seconds \d+\.\d\d$", out, re.M)
     peak, estimate = map(float, re.search(r"^peak (\S+) estimate (\S+)$", out, re.M).groups())
     assert math.isfinite(peak) and math.isfinite(estimate) and peak > 0 and estimate > 0
