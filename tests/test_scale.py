@@ -6,6 +6,7 @@ import importlib
 import math
 import re
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -66,3 +67,18 @@ def test_the_prepared_gpu_run_passes_arguments_the_benchmark_accepts(monkeypatch
         argv = shlex.split(call.replace('"$SHAPE"', "tiny").replace('"$DEVICE"', "cpu").replace('"$SEQ"', "64"))
         args = scale.parse_args(argv)
         assert (args.shape, args.device, args.seq_len, args.checkpointing) == ("tiny", "cpu", 64, True)
+
+
+def test_allocation_warmup_benchmark_prints_its_two_ratios(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    _scale(monkeypatch)  # puts benchmarks/ on the path
+    warmup = importlib.import_module("allocation_warmup")
+    result = warmup.main(["--shape", "tiny", "--seq-len", "16", "--before", "3", "--after", "4"])
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^step \d+ \d+\.\d+ s, \d+ minor faults$", out, re.M)) == 7
+    assert re.search(r"^allocated \d+\.\d\d GiB of state$", out, re.M)
+    for name in ("slowdown", "steady"):
+        assert float(re.search(rf"^{name} (\S+)$", out, re.M).group(1)) == round(result[name], 2) > 0
+    with pytest.raises(SystemExit):
+        warmup.main(["--after", "2"])
+    assert list(tmp_path.iterdir()) == []
