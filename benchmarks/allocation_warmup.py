@@ -9,8 +9,8 @@ for ``--after`` steps. Prints every step's seconds and minor page faults, then::
     slowdown <mean of the first 3 steps after the allocation / median step before it>
     steady <median of the remaining steps after / median step before>
 
-On this project's 2-core VM (llama-100m, bf16, 0.79 GiB of state): slowdown 1.42 and 1.13 in two runs,
-steady 1.00-1.01; every step page-faults 64K-130K times, as glibc maps the largest activations (the
+On this project's 2-core VM (llama-100m, bf16, 0.79 GiB of state): slowdown 1.42, 1.13 and 1.72 in three runs,
+steady 1.00-1.05; every step page-faults 64K-130K times, as glibc maps the largest activations (the
 logits) afresh and returns them to the OS each step. With glibc keeping freed memory
 (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``) the steps after the first fault almost
 never, run 10% faster, and the slowdown is 1.07. A pass of 16 steps pays this once (the state is
@@ -25,10 +25,10 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import time
 from typing import Optional
 
 import torch
+from calibration_timing import bare_loop_times
 from scale import SHAPES
 
 from dpruner_lightning.algorithms.targets import find_targets
@@ -52,10 +52,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
                      dtype=args.dtype)
     model = load_causal_lm(spec)
     params = [t.weight for t in find_targets(model).values()]
-    model.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=3e-4)
     batches = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.before + args.after, args.batch_size, args.seq_len))
     seconds, state = [], []
     for i, batch in enumerate(batches):
@@ -65,11 +61,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 if args.dtype != "float32":
                     state += [p.detach().float() for p in params]
             print(f"allocated {sum(t.numel() * t.element_size() for t in state) / 2**30:.2f} GiB of state")
-        faults, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seconds.append(time.perf_counter() - t0)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        # scale.py's bare loop, one micro-batch at a time (its SGD has no state, so a new one per step is the same)
+        seconds.append(bare_loop_times(spec, batch, args.batch_size, "fbs", 3e-4, model=model)[0])
         print(f"step {i} {seconds[-1]:.3f} s, {resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults} minor faults")
     before = statistics.median(seconds[2: args.before])
     out = {"slowdown": statistics.mean(seconds[args.before: args.before + 3]) / before,

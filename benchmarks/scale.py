@@ -63,21 +63,29 @@ SHAPES: dict[str, dict] = {
 GIB = 2**30
 
 
-def build_method(name: str, accumulators: str, lr: float, kernels: str = "auto", general_dtype: str = "float32"):
-    """The registered method ``name`` (``lr``: its ``alpha``, if it has one); ``accumulators`` ``cpu``
-    sets ``state_device: cpu`` and ``kernels`` its ``kernels`` (parse_args refuses either for a method
-    without that setting)."""
-    cls = METHODS[name]
+def build_method(args: argparse.Namespace):
+    """The registered method ``args.method`` (``args.lr``: its ``alpha``, if it has one); ``--accumulators cpu``
+    sets ``state_device: cpu``, ``--kernels`` and ``--general-dtype`` their settings (parse_args refuses
+    each for a method without that setting)."""
     kwargs = {}
-    if accumulators == "cpu":
+    if args.accumulators == "cpu":
         kwargs["state_device"] = "cpu"
-    if kernels != "auto":
-        kwargs["kernels"] = kernels
-    if general_dtype != "float32":
-        kwargs["general_dtype"] = general_dtype
-    if "alpha" in inspect.signature(cls.__init__).parameters:
-        kwargs["alpha"] = lr
-    return make_method(name, **kwargs)
+    if args.kernels != "auto":
+        kwargs["kernels"] = args.kernels
+    if args.general_dtype != "float32":
+        kwargs["general_dtype"] = args.general_dtype
+    if "alpha" in _settings(args.method):
+        kwargs["alpha"] = args.lr
+    return make_method(args.method, **kwargs)
+
+
+def _settings(method: str):
+    """The names of a registered method's settings (its ``__init__`` parameters)."""
+    return inspect.signature(METHODS[method].__init__).parameters
+
+
+def _accelerator(args: argparse.Namespace) -> str:
+    return "gpu" if args.device.startswith("cuda") else "cpu"
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -106,10 +114,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     for name in ("tokens", "seq_len", "batch_size", "repeats", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.accumulators == "cpu" and "state_device" not in inspect.signature(METHODS[args.method].__init__).parameters:
+    settings = _settings(args.method)
+    if args.accumulators == "cpu" and "state_device" not in settings:
         ap.error(f"--accumulators cpu: {args.method} keeps no accumulators to move (it has no state_device setting)")
     for flag, default in (("kernels", "auto"), ("general_dtype", "float32")):
-        if getattr(args, flag) != default and flag not in inspect.signature(METHODS[args.method].__init__).parameters:
+        if getattr(args, flag) != default and flag not in settings:
             ap.error(f"--{flag.replace('_', '-')}: {args.method} has no {flag} setting")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here (use --device cpu)")
@@ -126,9 +135,7 @@ def run_ours(spec: ModelSpec, dm: CalibrationDataModule, args: argparse.Namespac
         release_memory()
         base["bytes"] = PeakMemory(args.device).start().start_bytes
 
-    method = build_method(args.method, args.accumulators, args.lr, args.kernels, args.general_dtype)
-    module = fit_ours(spec, dm, method, accelerator="gpu" if args.device.startswith("cuda") else "cpu",
-                      before_fit=before_fit, callbacks=[clock])
+    module = fit_ours(spec, dm, build_method(args), accelerator=_accelerator(args), before_fit=before_fit, callbacks=[clock])
     return module, clock, base["bytes"]
 
 
@@ -155,9 +162,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     t0 = time.perf_counter()
     tiny = ModelSpec(name_or_path="random:llama", tokenizer="bytes", config_overrides=dict(SHAPES["tiny"]), dtype=args.dtype)
     few = torch.randint(0, SHAPES["tiny"]["vocab_size"], (2, 16))
-    fit_ours(tiny, CalibrationDataModule.from_token_blocks(few, few, few[:1], few[:1], batch_size=1),
-             build_method(args.method, args.accumulators, args.lr, args.kernels, args.general_dtype),
-             accelerator="gpu" if args.device.startswith("cuda") else "cpu")
+    fit_ours(tiny, CalibrationDataModule.from_token_blocks(few, few, few[:1], few[:1], batch_size=1), build_method(args),
+             accelerator=_accelerator(args))
     warmup_seconds = time.perf_counter() - t0
     ours: dict[str, list[tuple[float, float]]] = {}  # pass -> (wall, cpu) per repeat
     bare: dict[str, list[tuple[float, float]]] = {}
@@ -181,14 +187,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         del model
         release_memory()
 
-    method = build_method(args.method, args.accumulators, args.lr, args.kernels, args.general_dtype)
+    method = build_method(args)
     method.gradients_final_in_backward = in_backward
     estimate = estimate_memory(spec, method, TargetSpec(), args.batch_size, args.seq_len)
     tokens = args.tokens * args.seq_len
     print(f"shape {args.shape}, {args.dtype} on {device}, method {args.method}, {args.tokens} x {args.seq_len} tokens per "
           f"pass, micro-batch {args.batch_size}, checkpointing {args.checkpointing}, accumulators {args.accumulators}, "
           f"kernels {args.kernels}, G {args.general_dtype}, {torch.get_num_threads()} threads, best of {args.repeats}")
-    out: dict = {"ratio": {}, "cpu_ratio": {}, "tokens_per_s": {}}
+    out: dict = {"ratio": {}, "cpu_ratio": {}, "tokens_per_s": {}, "step_ratio": {}}
     for p in passes:
         (o_wall, o_cpu), (b_wall, b_cpu) = ([min(t[i] for t in runs[p.name]) for i in (0, 1)] for runs in (ours, bare))
         out["tokens_per_s"][p.name] = (tokens * p.epochs / o_wall, tokens / b_wall)
@@ -199,8 +205,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f"(bare: {BARE_DESCRIPTION[BARE_MODE[p.mode]]}; wall ratio per repeat {spread})")
         print(f"cpu_ratio {p.name} {out['cpu_ratio'][p.name]:.2f}")
         o_steps, b_steps = steps[p.name]
-        out.setdefault("step_ratio", {})[p.name] = statistics.median(o_steps) / statistics.median(b_steps)
-        print(f"step_seconds {p.name} ours {statistics.median(o_steps):.3f} bare {statistics.median(b_steps):.3f}  "
+        o_median, b_median = statistics.median(o_steps), statistics.median(b_steps)
+        out["step_ratio"][p.name] = o_median / b_median
+        print(f"step_seconds {p.name} ours {o_median:.3f} bare {b_median:.3f}  "
               f"(medians of {len(o_steps)} and {len(b_steps)} steps: ours also runs the method's per-step hooks)")
         print(f"step_ratio {p.name} {out['step_ratio'][p.name]:.2f}  (the steady state: the once-per-pass work and the "
               "slow first steps after it left out)")

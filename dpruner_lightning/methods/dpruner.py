@@ -323,8 +323,9 @@ class DPrunerMethod(DPrunerSteps):
             extra = f", reconstruct={self.reconstruct!r}, hessian_mix={self.hessian_mix}, selection={self.selection!r}"
             if self.selection == "sequential":
                 extra += f", dual_exponent={self.dual_exponent}"
+        if self.general_dtype != "float32":  # named only when set: earlier runs' saved reprs stay equal
+            extra += f", general_dtype={self.general_dtype!r}"
         return (
             f"DPrunerMethod(general_estimator={self.general_estimator!r}, lambda_reg={self.lambda_reg}, "
-            f"alpha={self.alpha}, dual_epochs={self.dual_epochs}, update={self.update!r}{extra}"
-            + (f", general_dtype={self.general_dtype!r})" if self.general_dtype != "float32" else ")")
+            f"alpha={self.alpha}, dual_epochs={self.dual_epochs}, update={self.update!r}{extra})"
         )
