@@ -10,8 +10,8 @@ for ``--after`` steps. Prints every step's seconds and minor page faults, then::
     steady <median of the remaining steps after / median step before>
 
 On this project's 2-core VM (llama-100m, bf16, 0.79 GiB of state): slowdown 1.42, 1.13 and 1.72 in three runs,
-steady 1.00-1.05; every step page-faults 64K-130K times, as glibc maps the largest activations (the
-logits) afresh and returns them to the OS each step. With glibc keeping freed memory
+steady 1.00-1.05; every step page-faults 64K-160K times (most likely glibc mapping its largest blocks,
+the logits, afresh and returning them to the OS each step). With glibc keeping freed memory
 (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``) the steps after the first fault almost
 never, run 10% faster, and the slowdown is 1.07. A pass of 16 steps pays this once (the state is
 allocated at its start); a run of a hundred steps hardly notices it. Our reading (not measured here):
